@@ -1,0 +1,2 @@
+"""keras-decoder."""
+__version__ = "0.1.0"
