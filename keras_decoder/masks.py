@@ -391,18 +391,19 @@ _FLOAT_MAX = {
 
 
 def large_negative(dtype="float32"):
-    """A large negative number that is safe in ``dtype``: half of ``finfo.min``.
+    """A large negative number that is safe in ``dtype``: a quarter of ``finfo.min``.
 
-    Half, not all of it, so that adding it to any score of ordinary size (or to
-    a second such bias) cannot overflow to ``-inf``, which would turn a fully
-    masked softmax row into NaN. ``-1e9`` is *not* safe: it overflows float16.
+    A quarter, not all of it, so that adding it to scores of ordinary size, or
+    adding two such biases (a mask and another mask), cannot overflow to
+    ``-inf``, which would turn a fully masked softmax row into NaN. ``-1e9`` is
+    *not* safe: it overflows float16 (whose largest finite value is 65504).
     """
     dtype = backend.standardize_dtype(dtype)
     if dtype not in _FLOAT_MAX:
         raise ValueError(
             f"Expected a float dtype in {sorted(_FLOAT_MAX)}. Received: dtype={dtype}"
         )
-    return -0.5 * _FLOAT_MAX[dtype]
+    return -0.25 * _FLOAT_MAX[dtype]
 
 
 def to_additive(mask, dtype="float32"):
@@ -412,6 +413,9 @@ def to_additive(mask, dtype="float32"):
     ``dtype`` where it is ``False``, with the mask's shape and dtype ``dtype``.
     """
     mask = _as_bool(_tensor(mask, "mask"))
-    neg = large_negative(dtype)
-    dtype = backend.standardize_dtype(dtype)
-    return ops.where(mask, ops.zeros((), dtype=dtype), ops.full((), neg, dtype=dtype))
+    large_negative(dtype)  # validates the requested dtype
+    zero = ops.zeros((), dtype=backend.standardize_dtype(dtype))
+    # The backend may give another dtype than requested (JAX without x64 turns
+    # float64 into float32): take the constant from the dtype actually made.
+    neg = ops.full((), large_negative(zero.dtype), dtype=zero.dtype)
+    return ops.where(mask, zero, neg)

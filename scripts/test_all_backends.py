@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("tensorflow", "jax", "torch")
-SUMMARY = re.compile(r"^=+ (.*(?:passed|failed|error|skipped|no tests ran).*) in ([\d.]+)s.* =+$")
+SUMMARY = re.compile(r"^=*\s*((?:\d+ [a-z]+,? ?)+) in ([\d.]+)s\b.*$")
 
 
 COMMON = ["-p", "no:cacheprovider", "-q", "-rs"]
