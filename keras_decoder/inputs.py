@@ -390,10 +390,11 @@ class PrefixConditioning(keras.layers.Layer):
         return ops.concatenate([prefix, token_embeddings], axis=1)
 
     def compute_mask(self, token_embeddings, previous_mask=None):
-        shape = ops.shape(token_embeddings)
+        # Built with ones_like, so that an unknown (symbolic) batch size works.
         if previous_mask is None:
-            previous_mask = ops.ones((shape[0], shape[1]), dtype="bool")
-        prefix = ops.ones((shape[0], self.num_prefix_tokens), dtype="bool")
+            previous_mask = ops.ones_like(token_embeddings[..., 0], dtype="bool")
+        one = ops.ones_like(token_embeddings[:, :1, 0], dtype="bool")  # (B, 1)
+        prefix = ops.repeat(one, self.num_prefix_tokens, axis=1)  # (B, P)
         return ops.concatenate([prefix, ops.cast(previous_mask, "bool")], axis=1)
 
     def compute_output_shape(self, token_embeddings_shape, context_shape=None):

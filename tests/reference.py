@@ -112,10 +112,10 @@ def rotary(x, positions, max_wavelength=10000):
     out = np.empty_like(x)
     for i in range(d // 2):
         theta = positions * max_wavelength ** (-2 * i / d)  # (B, T)
-        c, s = np.cos(theta)[..., None], np.sin(theta)[..., None]
-        a, b = x[..., i], x[..., i + d // 2]
-        out[..., i] = a * c[..., 0] - b * s[..., 0]
-        out[..., i + d // 2] = b * c[..., 0] + a * s[..., 0]
+        c, s = np.cos(theta)[..., None], np.sin(theta)[..., None]  # (B, T, 1)
+        a, b = x[..., i], x[..., i + d // 2]  # (B, T, H)
+        out[..., i] = a * c - b * s
+        out[..., i + d // 2] = b * c + a * s
     return out
 
 
@@ -148,8 +148,8 @@ def attention(q, k, v, mask=None):
 # Attention with GQA, bias and projections (used by tests/test_attention.py).
 # Appended as its own section; nothing above depends on it.
 # ============================================================================
-def _mask_4d(mask):
-    m = np.asarray(mask, bool)
+def _mask_4d(mask, dtype=bool):
+    m = np.asarray(mask, dtype)
     if m.ndim == 2:
         return m[None, None]
     if m.ndim == 3:
@@ -172,7 +172,7 @@ def gqa_attention(q, k, v, mask=None, bias=None, scale=None):
     out = np.zeros((b, tq, h, v.shape[-1]))
     weights = np.zeros((b, h, tq, tk))
     m = None if mask is None else np.broadcast_to(_mask_4d(mask), (b, h, tq, tk))
-    bb = None if bias is None else np.broadcast_to(_mask_4d(np.asarray(bias, np.float64)),
+    bb = None if bias is None else np.broadcast_to(_mask_4d(bias, np.float64),
                                                    (b, h, tq, tk))
     for n in range(b):
         for head in range(h):
