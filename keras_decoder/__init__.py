@@ -1,2 +1,26 @@
-"""keras-decoder."""
+"""keras-decoder: decoder inputs and attention masks for Keras 3.
+
+Import the modules (``keras_decoder.masks``, ``keras_decoder.inputs``, ...) or
+the names re-exported here. Set ``KERAS_BACKEND`` before importing.
+"""
+
 __version__ = "0.1.0"
+
+from keras_decoder import masks  # noqa: F401
+from keras_decoder.inputs import PrefixConditioning  # noqa: F401
+from keras_decoder.inputs import RotaryEmbedding  # noqa: F401
+from keras_decoder.inputs import SinusoidalPositionEncoding  # noqa: F401
+from keras_decoder.inputs import TokenAndPositionEmbedding  # noqa: F401
+from keras_decoder.inputs import shift_right  # noqa: F401
+from keras_decoder.inputs import teacher_forcing  # noqa: F401
+from keras_decoder.masks import causal_mask  # noqa: F401
+from keras_decoder.masks import combine_masks  # noqa: F401
+from keras_decoder.masks import cross_attention_mask  # noqa: F401
+from keras_decoder.masks import joint_attention_mask  # noqa: F401
+from keras_decoder.masks import padding_mask  # noqa: F401
+from keras_decoder.masks import prefix_lm_mask  # noqa: F401
+from keras_decoder.masks import segment_mask  # noqa: F401
+from keras_decoder.masks import self_attention_mask  # noqa: F401
+from keras_decoder.masks import sliding_window_mask  # noqa: F401
+from keras_decoder.masks import to_additive  # noqa: F401
+from keras_decoder.viz import plot_mask  # noqa: F401
