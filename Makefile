@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[course,test]'
 	@touch $(STAMP)
 
+# Jupyter refuses to run as root without --allow-root (containers, CI machines).
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 ## lab: JupyterLab on lessons/ (KERAS_BACKEND=jax make lab picks the backend).
 lab: install
-	KERAS_BACKEND=$(KERAS_BACKEND) $(VENV)/bin/jupyter lab --ServerApp.root_dir=lessons
+	KERAS_BACKEND=$(KERAS_BACKEND) $(VENV)/bin/jupyter lab --ServerApp.root_dir=lessons $(ALLOW_ROOT) $(LAB_ARGS)
 
 ## test: the whole suite once per backend, each in its own process.
 test: install
