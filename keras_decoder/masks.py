@@ -186,7 +186,7 @@ def self_attention_mask(padding_mask, causal=True):
     """
     keys = _padding(padding_mask, "padding_mask")
     length = _shape(keys)[1]
-    mask = ops.expand_dims(keys, 1)  # (B, 1, T)
+    mask = _rows_of(keys, keys)  # (B, T, T): key padding, repeated for each query
     if causal:
         if length is None:
             raise ValueError(
@@ -194,7 +194,17 @@ def self_attention_mask(padding_mask, causal=True):
                 f"Received: padding_mask.shape={_shape(keys)}"
             )
         mask = ops.logical_and(mask, ops.expand_dims(causal_mask(length), 0))
-    return ops.broadcast_to(mask, (ops.shape(keys)[0], length, length))
+    return mask
+
+
+def _rows_of(queries, keys):
+    """``(B, Tq, Tk)``: the key mask ``(B, Tk)`` repeated for each of ``Tq`` queries.
+
+    Built by broadcasting, not ``broadcast_to``, so that an unknown (symbolic)
+    batch size or length works in the functional API.
+    """
+    every_query = ops.expand_dims(ops.ones_like(queries, dtype="bool"), 2)  # (B, Tq, 1)
+    return ops.logical_and(every_query, ops.expand_dims(keys, 1))  # (B, Tq, Tk)
 
 
 def cross_attention_mask(decoder_padding_mask, encoder_padding_mask):
@@ -223,8 +233,7 @@ def cross_attention_mask(decoder_padding_mask, encoder_padding_mask):
             f"Received: decoder_padding_mask.shape={_shape(dec)}, "
             f"encoder_padding_mask.shape={_shape(enc)}"
         )
-    batch = ops.shape(enc)[0]
-    return ops.broadcast_to(mask, (batch, ops.shape(dec)[1], ops.shape(enc)[1]))
+    return _rows_of(dec, enc)
 
 
 def combine_masks(*masks):

@@ -259,3 +259,27 @@ def test_every_mask_builder_traces_in_a_compiled_model(rng):
         ref.self_attention_mask(pad),
     ]
     np.testing.assert_array_equal(np.asarray(out).astype(bool), np.stack(expected, axis=1))
+
+
+def test_mask_builders_work_in_the_functional_api_with_unknown_batch(rng):
+    """Symbolic inputs: the batch size (and here the length) are unknown when tracing."""
+    ids = keras.Input((None,), dtype="int32")
+    enc_ids = keras.Input((None,), dtype="int32")
+    pad, enc = M.padding_mask(ids), M.padding_mask(enc_ids)
+    outputs = [M.self_attention_mask(pad, causal=False), M.cross_attention_mask(pad, enc),
+               M.segment_mask(ids, enc_ids)]
+    model = keras.Model([ids, enc_ids], [ops.cast(o, "int32") for o in outputs])
+    a = random_padded_ids(rng, 3, 5)
+    b = random_padded_ids(rng, 3, 4)
+    got = [np.asarray(o).astype(bool) for o in model.predict([a, b], verbose=0)]
+    np.testing.assert_array_equal(got[0], ref.self_attention_mask(a != 0, causal=False))
+    np.testing.assert_array_equal(got[1], ref.cross_attention_mask(a != 0, b != 0))
+    np.testing.assert_array_equal(got[2], ref.segment_mask(a, b))
+    # With a static length, the causal and joint masks too.
+    ids6 = keras.Input((6,), dtype="int32")
+    enc4 = keras.Input((4,), dtype="int32")
+    joint = M.joint_attention_mask(M.padding_mask(ids6), M.padding_mask(enc4))
+    model = keras.Model([ids6, enc4], ops.cast(joint, "int32"))
+    a, b = random_padded_ids(rng, 2, 6), random_padded_ids(rng, 2, 4)
+    np.testing.assert_array_equal(np.asarray(model.predict([a, b], verbose=0)).astype(bool),
+                                  ref.joint_attention_mask(a != 0, b != 0))
