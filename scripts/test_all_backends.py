@@ -19,7 +19,11 @@ BACKENDS = ("tensorflow", "jax", "torch")
 SUMMARY = re.compile(r"^=*\s*((?:\d+ [a-z]+,? ?)+) in ([\d.]+)s\b.*$")
 
 
-COMMON = ["-p", "no:cacheprovider", "-q", "-rs"]
+# Two workers by default (this is a 2-core machine); --dist loadscope keeps
+# each notebook's cells together on one worker, as nbval needs.
+WORKERS = os.environ.get("PYTEST_WORKERS", "2")
+COMMON = ["-p", "no:cacheprovider", "-q", "-rs"] + (
+    ["-n", WORKERS, "--dist", "loadscope"] if WORKERS not in ("0", "1") else [])
 NBVAL = ["--nbval-current-env", "--nbval-sanitize-with", "lessons/nbval_sanitize.cfg"]
 
 
