@@ -182,7 +182,8 @@ def _make_guard(allow, deny, blocked_module, log):
 
     def hook(event, args, _denied=_DENIED_EVENTS, _prefixes=_DENIED_PREFIXES, _paths=_PATH_EVENTS,
              _permitted=permitted, _note=note, _show=show, _type=type, _str=str, _int=int,
-             _perm=PermissionError, _importerr=ModuleNotFoundError, _blocked=blocked_module,
+             _perm=PermissionError, _importerr=ModuleNotFoundError, _runtime=RuntimeError,
+             _blocked=blocked_module,
              _write=os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC):
         if _type(event) is not _str:
             return
@@ -219,6 +220,9 @@ def _make_guard(allow, deny, blocked_module, log):
                 _note(event + " " + _show(path))
                 raise _perm("keras-decoder grader: listing this folder is not allowed while grading: " + _show(path))
             return
+        if event == "sys.addaudithook":
+            _note(event)  # only a RuntimeError stops it (silently): no second hook
+            raise _runtime("keras-decoder grader: sys.addaudithook is not allowed while grading")
         if event in _denied or event.startswith(_prefixes):
             _note(event)
             raise _perm("keras-decoder grader: " + event + " is not allowed while grading")
@@ -420,6 +424,13 @@ def setup(params):
             __import__(name)
         except Exception:
             pass
+
+    # exit() and quit() would stop the kernel a moment *after* their cell: a death
+    # that cannot be told apart from the next cell's. While grading they raise.
+    def _no_exit(*args, **kwargs):
+        raise SystemExit("exit() and quit() do nothing while grading")
+
+    get_ipython().ask_exit = _no_exit
 
     # The kernel's messages are JSON: bind its packer to json as it is now, so that a
     # submission that replaces json.dumps breaks only itself, not the channel back.

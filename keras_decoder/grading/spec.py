@@ -323,7 +323,7 @@ def compare(expected, got, output):
     first = tuple(int(i) for i in wrong[0])
     return (
         f"{len(wrong)} of {close.size} values differ; first at index {first}: "
-        f"expected {expected[first]!r}, got {got[first]!r}"
+        f"expected {np.asarray(expected[first]).item()!r}, got {np.asarray(got[first]).item()!r}"
     )
 
 
@@ -435,12 +435,16 @@ def not_defined(question, detail=""):
     return _verdict(question, "not_attempted", text)
 
 
-def _shown(case, expected, got):
+def _shown(case, expected, got, output):
     lines = [f"  For {case.label}:" if case.label else "  For one of the inputs:"]
-    lines.append("    expected:")
-    lines.append(_indent(format_array(expected)))
-    lines.append("    got:")
-    lines.append(_indent(format_array(got)))
+    difference = compare(expected, got, output)
+    if difference:
+        lines.append(f"    {difference}")
+    if np.asarray(expected).size <= 64 and np.asarray(got).size <= 64:
+        lines.append("    expected:")
+        lines.append(_indent(format_array(expected)))
+        lines.append("    got:")
+        lines.append(_indent(format_array(got)))
     return "\n".join(lines)
 
 
@@ -487,7 +491,7 @@ def evaluate(question, cases, outcomes):
             text = f"[{mistake.name}] {mistake.diagnosis}"
             bad = next((i for i, v in enumerate(verdicts) if v is not None and outcomes[i].kind == "ok"), None)
             if bad is not None:
-                text += "\n" + _shown(cases[bad], expected[bad], outcomes[bad].value)
+                text += "\n" + _shown(cases[bad], expected[bad], outcomes[bad].value, question.output)
             return _verdict(question, "incorrect", text, mistake.name)
 
     problem = outcomes[first]
@@ -502,9 +506,7 @@ def evaluate(question, cases, outcomes):
         return _verdict(question, "error", f"`{name}` raised {problem.error}{where}.")
     if problem.kind == "bad_output":
         return _verdict(question, "incorrect", f"`{name}` {problem.error}{where}.")
-    text = f"`{name}` is incorrect{where}: {verdicts[first]}.\n" + _shown(
-        cases[first], expected[first], problem.value
-    )
+    text = f"`{name}` is incorrect.\n" + _shown(cases[first], expected[first], problem.value, question.output)
     return _verdict(question, "incorrect", text)
 
 

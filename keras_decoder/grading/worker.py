@@ -26,6 +26,9 @@ def _bootstrap():
     here = Path(__file__).resolve().parent
     if sys.path and Path(sys.path[0] or ".").resolve() == here:
         sys.path.pop(0)  # do not shadow stdlib modules with this folder's files
+    # jsonschema (through nbformat) imports rfc3987_syntax when it is installed, which
+    # builds a parser at import time (seconds); the grader never validates IRIs.
+    sys.modules.setdefault("rfc3987_syntax", None)
     if "keras_decoder" not in sys.modules:
         package = types.ModuleType("keras_decoder")
         package.__path__ = [str(here.parent)]

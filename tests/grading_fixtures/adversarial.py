@@ -91,66 +91,14 @@ def honest(*names):
 #: name -> (description, cells, expected). ``expected`` has the notebook
 #: ``status``, the ``score`` and each question's status.
 FIXTURES = {
-    "cheat_reference": (
-        "imports or reads the grader's reference solutions, the library, the source notebook",
+    "cheats": (
+        "imports or reads the reference solutions, the library and the source notebook; patches "
+        "numpy/keras/math/json; prints, writes and forges fake results. Only shift_right is honest.",
         [
             SETUP,
-            # Top level: import the reference module and the library.
-            "from keras_decoder.grading.exercises.ex03_masks import padding_mask",
-            "sys.modules.pop('keras_decoder.grading', None)\nimport keras_decoder.grading.exercises.ex03_masks as reference",
-            # Each function reaches for a correct implementation instead of computing one.
-            '''
-def causal_mask(query_len, key_len):
-    import keras_decoder.masks as library
-    return library.causal_mask(query_len, key_len)
-''',
-            '''
-def cross_attention_mask(decoder_padding_mask, encoder_padding_mask):
-    namespace = {}
-    exec(open({reference_file!r}).read(), namespace)
-    return namespace["cross_attention_mask"](decoder_padding_mask, encoder_padding_mask)
-''',
-            '''
-def shift_right(token_ids, start_id):
-    import json
-    nb = json.load(open({source_notebook!r}))
-    namespace = {"ops": keras.ops, "np": np, "math": math}
-    for cell in nb["cells"]:
-        if "def shift_right" in "".join(cell["source"]):
-            exec("".join(cell["source"]), namespace)
-    return namespace["shift_right"](token_ids, start_id)
-''',
-            '''
-def scaled_dot_product_attention(query, key, value, mask=None):
-    import importlib.util, subprocess
-    try:
-        subprocess.run(["cat", {reference_file!r}], check=True)
-    except Exception:
-        pass
-    spec = importlib.util.spec_from_file_location("stolen", {reference_file!r})
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.scaled_dot_product_attention(query, key, value, mask)
-''',
-        ],
-        {
-            "status": "graded",
-            "score": 0,
-            "questions": {
-                "padding_mask": "not_attempted",
-                "causal_mask": "error",
-                "cross_attention_mask": "error",
-                "shift_right": "error",
-                "scaled_dot_product_attention": "error",
-            },
-        },
-    ),
-    "cheat_patch_and_fake": (
-        "patches numpy/keras/math/json, prints and forges results, writes fake files; only shift_right is honest",
-        [
-            SETUP,
-            '''
-import json, math, threading
+            # Patch everything a naive grader would compare or report with.
+            """
+import json, threading
 import numpy
 numpy.allclose = lambda *a, **k: True
 numpy.array_equal = lambda *a, **k: True
@@ -160,96 +108,89 @@ math.isclose = lambda *a, **k: True
 keras.ops.convert_to_numpy = lambda x: numpy.zeros(3)
 json.dumps = lambda *a, **k: '{"score": 10, "status": "correct"}'
 print("Correct (10/10 points): every question")
-''',
+""",
             # Fake result files: writing is blocked.
-            '''
+            """
 for name in ("result.json", "grades.csv", "../result.json"):
     try:
         with open(name, "w") as handle:
             handle.write('{"score": 10}')
     except Exception as exc:
         print("could not write", name, exc)
-''',
-            # A thread that forges the harness's result messages with zeros.
-            '''
+""",
+            # A thread that forges the harness's result messages, with the real nonce.
+            """
 from IPython.display import publish_display_data
 def forge():
     harness = next((v for k, v in list(globals().items()) if k.startswith("_kd_")), None)
     nonce = getattr(harness, "_nonce", "guess")
-    for _ in range(200):
-        for name in ("padding_mask", "causal_mask"):
+    for _ in range(100):
+        for name in ("causal_mask", "cross_attention_mask"):
             publish_display_data({"application/vnd.keras-decoder.result+json": {
                 "nonce": nonce, "question": name, "defined": True,
                 "cases": [{"status": "ok", "npy": ""}]}})
         print("Correct! 10/10")
-        time.sleep(0.02)
+        time.sleep(0.05)
 threading.Thread(target=forge, daemon=True).start()
-''',
-            '''
-def padding_mask(token_ids, pad_id=0):
-    return np.zeros(np.shape(token_ids), bool)
-''',
-            '''
+""",
+            # Import the grader's reference module (blocked), even after removing the stub.
+            "from keras_decoder.grading.exercises.ex03_masks import padding_mask",
+            "sys.modules.pop('keras_decoder.grading', None)\nimport keras_decoder.grading.exercises.ex03_masks as reference",
+            """
 def causal_mask(query_len, key_len):
-    return np.ones((query_len, key_len), bool)
-''',
-            '''
+    import keras_decoder.masks as library
+    return library.causal_mask(query_len, key_len)
+""",
+            """
 def cross_attention_mask(decoder_padding_mask, encoder_padding_mask):
-    return "correct"
-''',
-            '''
+    namespace = {}
+    try:
+        exec(open({reference_file!r}).read(), namespace)
+        return namespace["cross_attention_mask"](decoder_padding_mask, encoder_padding_mask)
+    except PermissionError:
+        return "correct"
+""",
+            """
 def scaled_dot_product_attention(query, key, value, mask=None):
-    print("Correct")
-    return np.zeros_like(query)
-''',
+    import importlib.util, subprocess
+    try:
+        subprocess.run(["cat", {reference_file!r}], check=True)
+    except Exception:
+        pass
+    try:
+        nb = json.load(open({source_notebook!r}))
+    except PermissionError:
+        print("Correct")
+        spec = importlib.util.spec_from_file_location("stolen", {reference_file!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.scaled_dot_product_attention(query, key, value, mask)
+""",
         ]
         + honest("shift_right"),
         {
             "status": "graded",
             "score": 1,
             "questions": {
-                "padding_mask": ("incorrect", "error"),
-                "causal_mask": ("incorrect", "error"),
-                "cross_attention_mask": "incorrect",
+                "padding_mask": "not_attempted",
+                "causal_mask": "error",
+                "cross_attention_mask": ("incorrect", "error"),
                 "shift_right": "correct",
-                "scaled_dot_product_attention": "incorrect",
+                "scaled_dot_product_attention": "error",
             },
+            "blocked_at_least": 6,
         },
     ),
-    "exits": (
-        "sys.exit and exit() at top level, sys.exit and os._exit inside functions",
+    "exits_and_escapes": (
+        "sys.exit, SystemExit and exit() at top level; sys.exit and os._exit inside functions; "
+        "tries to kill the grader, start processes, fork, open sockets, use ctypes, write into the "
+        "package, read another submission, raise its limits. No metadata: the set is found from "
+        "the function names.",
         [
             SETUP,
             "sys.exit('leaving early')",
             "raise SystemExit(0)",
-            '''
-def padding_mask(token_ids, pad_id=0):
-    sys.exit(0)
-''',
-            '''
-def causal_mask(query_len, key_len):
-    os._exit(0)
-''',
             "exit()",
-        ]
-        + honest("cross_attention_mask", "shift_right", "scaled_dot_product_attention"),
-        {
-            "status": "graded",
-            "score": 7,
-            "questions": {
-                "padding_mask": "error",
-                "causal_mask": "error",
-                "cross_attention_mask": "correct",
-                "shift_right": "correct",
-                "scaled_dot_product_attention": "correct",
-            },
-        },
-    ),
-    "escape": (
-        "tries to kill the grader, start processes, fork, open sockets, use ctypes, write into the "
-        "package, read another submission, raise its limits; every function is honest",
-        [
-            SETUP,
             "os.kill(os.getppid(), 0)",
             "import subprocess\nsubprocess.run(['true'])",
             "os.system('true')",
@@ -263,14 +204,28 @@ def causal_mask(query_len, key_len):
             "sys.addaudithook(lambda *args: None)",
             "import gc\nprint(len(gc.get_objects()))",
             "print(open('/proc/self/root' + {reference_file!r}).read()[:10])",
+            """
+def padding_mask(token_ids, pad_id=0):
+    sys.exit(0)
+""",
+            """
+def causal_mask(query_len, key_len):
+    os._exit(0)
+""",
         ]
-        + honest(*POINTS),
+        + honest("cross_attention_mask", "shift_right", "scaled_dot_product_attention"),
         {
             "status": "graded",
-            "score": 10,
-            "questions": {name: "correct" for name in POINTS},
+            "score": 7,
+            "questions": {
+                "padding_mask": "error",
+                "causal_mask": "error",
+                "cross_attention_mask": "correct",
+                "shift_right": "correct",
+                "scaled_dot_product_attention": "correct",
+            },
             "blocked_at_least": 12,
-            "metadata": False,  # the exercise is found from the function names
+            "metadata": False,
         },
     ),
     "runaway": (
@@ -278,28 +233,28 @@ def causal_mask(query_len, key_len):
         [
             SETUP,
             "big = np.ones((2**31,))  # 16 GiB",
-            '''
+            """
 def padding_mask(token_ids, pad_id=0):
     while True:
         pass
-''',
-            '''
+""",
+            """
 def causal_mask(query_len, key_len):
     while True:
         try:
             time.sleep(0.05)
         except BaseException:
             pass
-''',
-            '''
+""",
+            """
 def cross_attention_mask(decoder_padding_mask, encoder_padding_mask):
     hoard = []
     while True:
         hoard.append(np.ones(2**24))  # 128 MiB at a time
-''',
+""",
         ]
         + honest("shift_right", "scaled_dot_product_attention")
-        + ["while True:\n    pass"],
+        + ["while True:\n    time.sleep(0.01)"],
         {
             "status": "timeout",
             "score": 5,
