@@ -1,6 +1,8 @@
 """Tests for ``keras_decoder.attention``: against float64 NumPy, against Keras
 with copied weights, cache vs full pass, masks on every path, Keras idioms."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -252,14 +254,22 @@ def test_causal_mask_kept_by_layer_with_dropout(rng):
     np.testing.assert_allclose(outs[0][:, :4], outs[1][:, :4], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(2, 7), (7,), (3, 5, 7), (2, 3, 5, 7), (5, 6), (2, 1, 1, 5, 7)])
-def test_bad_mask_shapes_raise(rng, shape):
-    q, k, v = randn(rng, 2, 5, 4, 8), randn(rng, 2, 7, 4, 8), randn(rng, 2, 7, 4, 8)
-    with pytest.raises(ValueError, match=r"Expected an attention mask.*Received: mask.shape="):
+BAD_MASK_SHAPES = [(2, 7), (7,), (3, 5, 7), (2, 3, 5, 7), (5, 6), (2, 1, 1, 5, 7)]
+
+
+def test_bad_mask_shapes_raise(rng):
+    """Expected (B=2, H=4, Tq=5, Tk=7); each shape below cannot mean that."""
+    q, k, v = randn(rng, 2, 5, 4, 4), randn(rng, 2, 7, 4, 4), randn(rng, 2, 7, 4, 4)
+    layer = MultiHeadAttention(4, 4)
+    for shape in BAD_MASK_SHAPES:
+        message = r"Expected an attention mask.*Received: mask.shape=" + re.escape(str(shape))
+        with pytest.raises(ValueError, match=message):
+            scaled_dot_product_attention(q, k, v, np.ones(shape, bool))
+        with pytest.raises(ValueError, match=r"\(2, 4, 5, 7\).*Received: attention_mask.shape="):
+            layer(randn(rng, 2, 5, 8), randn(rng, 2, 7, 8), attention_mask=np.ones(shape, bool))
+    # The good shapes pass the check.
+    for shape in [(5, 7), (2, 5, 7), (2, 4, 5, 7), (1, 1, 7), (2, 1, 1, 7)]:
         scaled_dot_product_attention(q, k, v, np.ones(shape, bool))
-    layer = MultiHeadAttention(4, 8)
-    with pytest.raises(ValueError, match=r"Received: attention_mask.shape="):
-        layer(randn(rng, 2, 5, 16), randn(rng, 2, 7, 16), attention_mask=np.ones(shape, bool))
 
 
 def test_bad_heads_raise(rng):
@@ -324,8 +334,12 @@ def test_layer_matches_reference(rng, config):
     layer = MultiHeadAttention(h, d, **config)
     layer.build((b, t, c), (b, t, c))
     randomize(layer, rng)
-    out, w = layer(x, x, attention_mask=pad[:, None, :], use_causal_mask=True,
-                   return_attention_scores=True)
+
+    def run(x):
+        kw = dict(attention_mask=pad[:, None, :], use_causal_mask=True)
+        return layer(x, x, return_attention_scores=True, **kw), layer(x, x, **kw)
+
+    (out, w), fused = compiled(run)(x)  # explicit path (scores), then fused path
     mask = np.tril(np.ones((t, t), bool))[None] & pad[:, None, :]
     if config.get("sliding_window"):
         mask = mask & ref.sliding_window_mask(t, t, config["sliding_window"])[None]
@@ -335,7 +349,6 @@ def test_layer_matches_reference(rng, config):
         key_positions=np.arange(t), rotary_wavelength=10000 if config.get("rotary") else None)
     np.testing.assert_allclose(np_(out), expected, **TOL)
     np.testing.assert_allclose(np_(w), expected_w, **TOL)
-    fused = layer(x, x, attention_mask=pad[:, None, :], use_causal_mask=True)
     np.testing.assert_allclose(np_(fused), expected, **TOL)
 
 
@@ -421,14 +434,14 @@ def test_cached_steps_equal_full_pass(rng, config):
     layer = MultiHeadAttention(h, d, **config)
     layer.build((b, t, c), (b, t, c))
     randomize(layer, rng)
-    full = np_(layer(x, x, use_causal_mask=True))
+    full = np_(compiled(lambda x: layer(x, x, use_causal_mask=True))(x))
     cache = layer.init_cache(b, max_len, stacked=stacked)
+    step = compiled(lambda chunk, cache, index: layer(
+        chunk, chunk, use_causal_mask=True, cache=cache, cache_index=index))
     pieces = []
     # A prefill of 3 tokens, then one token at a time (cache_index as a tensor).
     for lo, hi in [(0, 3)] + [(i, i + 1) for i in range(3, t)]:
-        chunk = x[:, lo:hi]
-        out, cache = layer(chunk, chunk, use_causal_mask=True, cache=cache,
-                           cache_index=ops.convert_to_tensor(lo, "int32"))
+        out, cache = step(x[:, lo:hi], cache, ops.convert_to_tensor(lo, "int32"))
         pieces.append(np_(out))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, **TOL)
     written = np_(cache[0] if not stacked else cache[:, 0])
@@ -621,16 +634,24 @@ def test_symbolic_eager_and_save_load(rng, kind, tmp_path):
     np.testing.assert_allclose(np_(loaded(data)), eager, rtol=1e-6, atol=1e-6)
 
 
+FIT_KINDS = ["mha", "self", "cross", "joint"]
+
+
 def test_fit_step_every_layer(rng):
-    """One ``fit`` step (``jit_compile=True`` on TensorFlow and JAX) through every layer."""
-    model = build_model(KINDS)
+    """One ``fit`` step (``jit_compile=True`` on TensorFlow and JAX) through every layer.
+
+    ``InteractingAttention`` is fitted in ``joint`` mode; ``sequential`` and
+    ``parallel`` are compositions of ``SelfAttention`` and ``CrossAttention``,
+    fitted here, and one compile of this model is the slowest part of the file.
+    """
+    model = build_model(FIT_KINDS)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=JIT,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     data, labels = model_inputs(rng), rng.integers(0, 16, size=(B, T)).astype("int32")
     before = {w.path: np_(w).copy() for w in model.trainable_weights}
     history = model.fit(data, labels, batch_size=B, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][-1])
-    for kind in KINDS:  # every layer was trained (a key bias gets no gradient: skip it)
+    for kind in FIT_KINDS:  # every layer was trained (a key bias gets no gradient: skip it)
         changed = [not np.allclose(np_(w), before[w.path])
                    for w in model.get_layer(kind).trainable_weights
                    if not w.path.endswith("key/bias")]
@@ -641,7 +662,7 @@ def test_fit_step_every_layer(rng):
 def test_mixed_precision(rng, policy):
     keras.config.set_dtype_policy(policy)
     model = build_model(KINDS)
-    out = model(model_inputs(rng))
+    out = compiled(model)(model_inputs(rng))
     assert np.all(np.isfinite(np_(ops.cast(out, "float32"))))
     for kind in KINDS:
         layer = model.get_layer(kind)
@@ -683,11 +704,11 @@ def test_get_config_round_trip(cls, kwargs):
 
 
 def test_weight_names_are_stable():
-    layer = MultiHeadAttention(2, 4, num_kv_heads=1)
-    layer.build((None, 3, 8), (None, 5, 6))
+    layer = MultiHeadAttention(4, 4, num_kv_heads=1, value_dim=3)
+    layer.build((None, 6, 8), (None, 5, 6))
     names = [w.path.split("/", 1)[1] for w in layer.weights]
     assert names == ["query/kernel", "query/bias", "key/kernel", "key/bias",
                      "value/kernel", "value/bias", "attention_output/kernel",
                      "attention_output/bias"]
     assert [tuple(w.shape) for w in layer.weights] == [
-        (8, 2, 4), (2, 4), (6, 1, 4), (1, 4), (6, 1, 4), (1, 4), (2, 4, 8), (8,)]
+        (8, 4, 4), (4, 4), (6, 1, 4), (1, 4), (6, 1, 3), (1, 3), (4, 3, 8), (8,)]
