@@ -224,6 +224,15 @@ def test_mistake_needs_impl_or_recognize():
         Mistake("x", "y")
 
 
+def test_an_answer_that_always_raises_is_not_diagnosed_as_a_mistake_that_raises():
+    q = SET.question("cross_attention_mask")
+    cases = q.make_cases(np.random.default_rng(0))
+    always = Mistake("always_raises", "x", impl=lambda d, e: 1 / 0)
+    q2 = q.__class__(**{**q.__dict__, "mistakes": (always,) + q.mistakes})
+    verdict = evaluate(q2, cases, [Outcome("error", error="MemoryError")] * len(cases))
+    assert verdict.status == "error" and verdict.diagnosis is None, verdict.feedback
+
+
 def test_evaluate_partial_not_implemented_is_an_error():
     q = SET.question("causal_mask")
     cases = q.make_cases(np.random.default_rng(0))

@@ -175,10 +175,10 @@ def _make_guard(allow, deny, blocked_module, log):
             _log.append(text)
 
     def show(value, _type=type, _str=str, _bytes=bytes, _repr=repr):
-        # Never call a method of a learner's object inside the hook.
+        # Never call a method (or a metaclass property) of a learner's object in the hook.
         if _type(value) is _str or _type(value) is _bytes:
             return _repr(value)
-        return "<" + _type(value).__name__ + " object>"
+        return "<an object that is not a str>"
 
     def hook(event, args, _denied=_DENIED_EVENTS, _prefixes=_DENIED_PREFIXES, _paths=_PATH_EVENTS,
              _permitted=permitted, _note=note, _show=show, _type=type, _str=str, _int=int,

@@ -147,6 +147,12 @@ def default_deny(paths=()):
         path = Path(raw).resolve()
         deny.add(path if path.is_dir() else path.parent)
     deny.add(Path.cwd().resolve())
+    # Never hide Python itself (a submission folder or the current folder could be
+    # the installation, or inside it); the repository may contain the virtualenv,
+    # which stays readable because a longer allowed prefix wins.
+    python = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
+    keep = {PACKAGE_DIR, root}
+    deny = {p for p in deny if p in keep or not any(p == q or q in p.parents for q in python)}
     return sorted(str(p) for p in deny if str(p) != "/")
 
 

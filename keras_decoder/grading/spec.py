@@ -362,7 +362,10 @@ def _matches(mistake, question, cases, outcomes, expected):
     if not applicable:
         return False
     for impl in mistake.variants:
-        distinguishable, ok = False, True
+        # Recognised only if the learner's outputs equal the mistaken ones on at least
+        # one case (failing wherever the mistake fails is not enough on its own), and
+        # the mistake differs from the reference somewhere.
+        distinguishable, same_values, ok = False, False, True
         for i in applicable:
             wrong = _run_impl(impl, cases[i])
             outcome = outcomes[i]
@@ -377,7 +380,8 @@ def _matches(mistake, question, cases, outcomes, expected):
             if outcome.kind != "ok" or not _same(outcome.value, wrong, question.output):
                 ok = False
                 break
-        if ok and distinguishable:
+            same_values = True
+        if ok and distinguishable and same_values:
             return True
     return False
 
