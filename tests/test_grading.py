@@ -73,16 +73,22 @@ def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _solutions():
-    """The keras.ops solutions of the source notebook, defined in this process."""
-    nb = nbformat.read(SOURCE, as_version=4)
+ALL_SETS = list(exercise_sets().values())
+ALL_QUESTIONS = [(s, q) for s in ALL_SETS for q in s.questions]
+
+
+def _solutions(exercise_set=SET):
+    """The solutions of a set's source notebook, defined in this process.
+
+    Runs the notebook's code cells in order, except the graded check cells.
+    """
+    nb = nbformat.read(ROOT / exercise_set.source, as_version=4)
     namespace = {}
-    for cell in nb.cells:
-        if cell.cell_type == "code" and cell.metadata.get("nbgrader", {}).get("solution"):
-            exec(cell.source, namespace)  # noqa: S102  (our own notebook)
-        elif cell.cell_type == "code" and cell.id == "setup":
-            exec(cell.source, namespace)  # noqa: S102
-    return {q.name: namespace[q.name] for q in SET.questions}
+    with redirect_stdout(io.StringIO()):
+        for cell in nb.cells:
+            if cell.cell_type == "code" and not cell.metadata.get("nbgrader", {}).get("grade"):
+                exec(cell.source, namespace)  # noqa: S102  (our own notebook)
+    return {q.name: namespace[q.name] for q in exercise_set.questions}
 
 
 # ---------------------------------------------------------------------------
@@ -112,8 +118,8 @@ def test_validate_set_rejects_a_thin_catalogue():
         validate_set(SET.__class__("x", "x", (thin,)))
 
 
-@pytest.mark.parametrize("question", SET.questions, ids=lambda q: q.name)
-def test_reference_is_correct_on_fresh_inputs(question):
+@pytest.mark.parametrize("exercise_set,question", ALL_QUESTIONS, ids=[q.name for _, q in ALL_QUESTIONS])
+def test_reference_is_correct_on_fresh_inputs(exercise_set, question):
     for seed in range(25):
         cases = question.make_cases(np.random.default_rng(seed))
         verdict = evaluate(question, cases, run_cases(question.reference, cases))
@@ -152,7 +158,7 @@ _RECOGNIZED = {
         lambda d, e: np.where(ex03_masks.cross_attention_mask(d, e), 0.0, -1e9),
     ],
 }
-_MISTAKES = [(q, m) for q in SET.questions for m in q.mistakes]
+_MISTAKES = [(q, m) for _, q in ALL_QUESTIONS for m in q.mistakes]
 
 
 @pytest.mark.parametrize("question,mistake", _MISTAKES, ids=[f"{q.name}-{m.name}" for q, m in _MISTAKES])
@@ -251,10 +257,10 @@ def _printed(fn, *args, **kwargs):
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("name", list(ISSUE_SIGNATURES))
-def test_keras_ops_solutions_of_the_source_notebook_are_correct_here(name):
-    solution = _solutions()[name]
-    ex = load_exercise("03_masks")
+@pytest.mark.parametrize("exercise_set,question", ALL_QUESTIONS, ids=[q.name for _, q in ALL_QUESTIONS])
+def test_solutions_of_the_source_notebook_are_correct_on_this_backend(exercise_set, question):
+    solution = _solutions(exercise_set)[question.name]
+    ex = load_exercise(exercise_set.id)
     verdict = ex.result(solution)
     assert verdict.status == "correct", verdict.feedback
     assert _printed(ex.check, solution).startswith("Correct")
@@ -356,11 +362,12 @@ def test_generator_is_deterministic_and_json_equal():
     assert json.loads(one) == json.loads(LEARNER.read_text(encoding="utf-8"))
 
 
-def test_learner_notebook_has_stubs_and_no_solutions():
-    source = nbformat.read(SOURCE, as_version=4)
-    learner = nbformat.read(LEARNER, as_version=4)
+@pytest.mark.parametrize("exercise_set", ALL_SETS, ids=lambda s: s.id)
+def test_learner_notebook_has_stubs_and_no_solutions(exercise_set):
+    source = nbformat.read(ROOT / exercise_set.source, as_version=4)
+    learner = nbformat.read(ROOT / exercise_set.notebook, as_version=4)
     assert len(source.cells) == len(learner.cells)
-    text = LEARNER.read_text()
+    text = (ROOT / exercise_set.notebook).read_text()
     assert notebooks.BEGIN_SOLUTION not in text and notebooks.END_SOLUTION not in text
     for src, out in zip(source.cells, learner.cells):
         assert src.id == out.id
@@ -372,11 +379,13 @@ def test_learner_notebook_has_stubs_and_no_solutions():
             for line in inside.strip().splitlines():
                 if line.strip() and not line.strip().startswith("#"):
                     assert line not in out.source
-    assert learner.metadata["keras_decoder"] == {"exercise": "03_masks", "role": "learner"}
+    assert learner.metadata["keras_decoder"] == {"exercise": exercise_set.id, "role": "learner"}
 
 
-def test_nbgrader_metadata_matches_the_registry():
-    nb = nbformat.read(SOURCE, as_version=4)
+@pytest.mark.parametrize("exercise_set", ALL_SETS, ids=lambda s: s.id)
+def test_nbgrader_metadata_matches_the_registry(exercise_set):
+    nb = nbformat.read(ROOT / exercise_set.source, as_version=4)
+    assert nb.metadata["keras_decoder"]["exercise"] == exercise_set.id
     ids, points, solutions = set(), {}, set()
     for cell in nb.cells:
         meta = cell.metadata["nbgrader"]
@@ -390,8 +399,8 @@ def test_nbgrader_metadata_matches_the_registry():
         if meta["solution"]:
             solutions.add(meta["grade_id"])
             assert not meta["locked"]
-    assert points == {q.name: q.points for q in SET.questions}
-    assert solutions == set(ISSUE_SIGNATURES)
+    assert points == {q.name: q.points for q in exercise_set.questions}
+    assert solutions == {q.name for q in exercise_set.questions}
 
 
 def test_strip_solutions():

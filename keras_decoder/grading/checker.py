@@ -92,7 +92,10 @@ class Exercise:
     def _unknown(self, name_or_fn):
         shown = name_or_fn if isinstance(name_or_fn, str) else getattr(name_or_fn, "__name__", repr(name_or_fn))
         names = ", ".join(q.name for q in self.questions)
-        print(f"No question named {shown!r} in exercise set {self.exercise_set.id}. Questions: {names}.")
+        print(
+            f"No question named {shown!r} in exercise set {self.exercise_set.id}. Questions: {names}. "
+            "If your function has another name, pass the question's: ex.check(fn, \"causal_mask\")."
+        )
 
     def _rng(self):
         return np.random.default_rng(self._seed)

@@ -224,25 +224,32 @@ def _grade(args, parser):
         bar(done, total, result)
 
     bar = _progress_printer(sys.stderr)
-    # On SIGTERM/SIGHUP, unwind normally, so that workers and kernels are stopped.
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _raise_exit)
     print(
         f"Grading {len(found)} notebook(s) with backend {args.backend}, timeout {args.timeout:g} s, "
         f"memory limit {args.memory_limit} MB, {args.jobs} at a time.",
         file=sys.stderr,
     )
-    results = grader.grade_paths(
-        args.paths,
-        exercise=args.exercise,
-        backend=args.backend,
-        timeout=args.timeout,
-        memory_limit_mb=args.memory_limit,
-        jobs=args.jobs,
-        device=args.device,
-        progress=progress,
-    )
+    # On SIGTERM/SIGHUP, unwind normally, so that workers and kernels are stopped.
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        try:
+            previous[name] = signal.signal(getattr(signal, name), _raise_exit)
+        except (AttributeError, ValueError):  # no such signal, or not the main thread
+            pass
+    try:
+        results = grader.grade_paths(
+            args.paths,
+            exercise=args.exercise,
+            backend=args.backend,
+            timeout=args.timeout,
+            memory_limit_mb=args.memory_limit,
+            jobs=args.jobs,
+            device=args.device,
+            progress=progress,
+        )
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
     if args.json:
         grader.write_json(results, args.json)
     if args.csv:
