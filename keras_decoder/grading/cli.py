@@ -199,6 +199,9 @@ def _grade(args, parser):
     from . import grader
 
     registry = _registry()
+    for module in ("nbclient", "nbformat", "ipykernel"):
+        if importlib.util.find_spec(module) is None:
+            parser.error(f"grading needs {module}: pip install 'keras-decoder[course]'")
     if args.exercise and args.exercise not in registry.exercise_sets():
         parser.error(f"unknown exercise {args.exercise!r}; known: {', '.join(registry.exercise_sets())}")
     if importlib.util.find_spec(_BACKEND_MODULES[args.backend]) is None:
