@@ -249,7 +249,10 @@ def audit_causal_leakage(model, inputs, positions=None, *, key=None, pad_id=0,
 
     For each ``p`` in ``positions``, every token at ``p + 1, p + 2, ...`` is
     replaced by a random non-pad id and the model is called again. The largest
-    change of any output at positions ``<= p`` is recorded.
+    change of any output at the real (non-pad) positions ``<= p`` is recorded.
+    Outputs at padded positions are not compared: they are computed but
+    dropped by the loss mask (``keras.layers.MultiHeadAttention``, for one,
+    averages over *every* key in a padded query row, the future included).
 
     Args:
         model: a Keras model (or callable) taking ``inputs``.
@@ -305,6 +308,7 @@ def audit_causal_leakage(model, inputs, positions=None, *, key=None, pad_id=0,
             f"Received: output shapes {[o.shape for o in base]}"
         )
 
+    real = ids != pad_id  # padded query positions are not compared: the loss drops them
     tracker, checks = _Tracker(), []
     for p in positions:
         if p == length - 1:
@@ -318,7 +322,7 @@ def audit_causal_leakage(model, inputs, positions=None, *, key=None, pad_id=0,
             if not aligned[index]:
                 continue
             diff = np.abs(new[:, : p + 1] - old[:, : p + 1])
-            tracker.update(diff, None, {"input": key, "perturbation": "future tokens",
+            tracker.update(diff, real[:, : p + 1], {"input": key, "perturbation": "future tokens",
                                         "changed_after": p, "output": index})
     return LeakageReport("causal", tracker.max_change <= tolerance, tracker.max_change,
                          tracker.where, tolerance, checks)

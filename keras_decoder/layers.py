@@ -57,6 +57,16 @@ def _key_mask(padding_mask):
     return ops.expand_dims(ops.cast(padding_mask, "bool"), 1)
 
 
+def _and(a, b):
+    """Logical AND of two broadcastable bool masks; ``None`` means "no mask".
+
+    (Shapes are checked by the attention layer, which receives the result.)
+    """
+    if a is None or b is None:
+        return b if a is None else a
+    return ops.logical_and(ops.cast(a, "bool"), ops.cast(b, "bool"))
+
+
 def _head_dim(dim, num_heads):
     if dim % num_heads:
         raise ValueError(
@@ -218,7 +228,7 @@ class TransformerEncoderBlock(_Block):
     def call(self, inputs, padding_mask=None, attention_mask=None, training=None):
         if padding_mask is None:
             padding_mask = _get_keras_mask(inputs)
-        mask = _masks.combine_masks(attention_mask, _key_mask(padding_mask))  # (B, T|1, T)
+        mask = _and(attention_mask, _key_mask(padding_mask))  # (B, T|1, T)
 
         def attend(h):
             return self.self_attention(h, h, attention_mask=mask, training=training)
@@ -359,7 +369,7 @@ class TransformerDecoderBlock(_Block):
             padding_mask = _get_keras_mask(inputs)
         if memory_mask is None and memory is not None:
             memory_mask = _get_keras_mask(memory)
-        self_mask = _masks.combine_masks(attention_mask, _key_mask(padding_mask))  # (B, T|1, Tk)
+        self_mask = _and(attention_mask, _key_mask(padding_mask))  # (B, T|1, Tk)
         memory_key_mask = _key_mask(memory_mask)  # (B, 1, S)
 
         new_cache = None
@@ -408,7 +418,7 @@ class TransformerDecoderBlock(_Block):
             if cache is None and memory_cache is None:
                 keys = ops.concatenate([ops.cast(memory, h.dtype), h], axis=1)  # (B, S + T, C)
                 own = _masks.causal_mask(length) if causal else None  # (T, T)
-                own = _masks.combine_masks(own, self_mask)
+                own = _and(own, self_mask)
                 return attention(h, keys, attention_mask=self._joint_mask(
                     memory_key_mask, own, ops.shape(h)[0], memory.shape[1], length),
                     training=training)
@@ -431,7 +441,7 @@ class TransformerDecoderBlock(_Block):
                     own = ops.less_equal(key_pos[None, :], query_pos[:, None])  # (T, L)
                 else:  # every written key
                     own = ops.less(key_pos[None, :], cache_index + length)[None]  # (1, L)
-            own = _masks.combine_masks(own, self_mask)
+            own = _and(own, self_mask)
             both = (ops.concatenate([ops.cast(memory_k, keys_k.dtype), keys_k], axis=1),
                     ops.concatenate([ops.cast(memory_v, keys_v.dtype), keys_v], axis=1))
             mask = self._joint_mask(memory_key_mask, own, ops.shape(h)[0], memory_k.shape[1],

@@ -187,7 +187,9 @@ class DecoderOnlyLM(_LogitsMixin, keras.Model):
             cache_index: scalar int (Python or tensor): where ``token_ids`` go.
             start_index: position of ``token_ids[:, 0]`` for the position
                 embedding, scalar or ``(B,)`` (left padding: ``cache_index -
-                number_of_left_pads``). Defaults to ``cache_index``.
+                number_of_left_pads``). Defaults to ``cache_index``. Learned
+                and sinusoidal positions only: rotary attention sees relative
+                positions, which left padding does not change.
 
         Returns:
             ``(logits (B, Tq, V), new_cache)``. The same logits as

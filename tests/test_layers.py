@@ -220,49 +220,61 @@ def test_bad_arguments():
 # The checks every public layer gets: symbolic call, .keras round trip,
 # a jit-compiled fit step, mixed precision.
 # ---------------------------------------------------------------------------
-def _functional(kind):
-    """A tiny token model around one layer: ids (B, T) [+ memory ids] → logits."""
-    ids = keras.Input((T,), dtype="int32", name="decoder_input_ids")
-    x = keras.layers.Embedding(11, C, mask_zero=True)(ids)
-    inputs = {"decoder_input_ids": ids}
-    if kind == "feed_forward":
-        x = FeedForward(C, F, dropout=0.1)(x)
-    elif kind == "encoder":
-        x = TransformerEncoderBlock(C, H, F, dropout=0.1)(x)
-    else:
-        src = keras.Input((S,), dtype="int32", name="encoder_input_ids")
-        memory = keras.layers.Embedding(11, C, mask_zero=True)(src)
-        inputs["encoder_input_ids"] = src
-        x = TransformerDecoderBlock(C, H, F, dropout=0.1, interaction=kind,
-                                    num_kv_heads=1)(x, memory)
+def _all_layers_model():
+    """Every public layer in one small token model (one build, one compile).
+
+    source ids → Embedding → TransformerEncoderBlock → memory; target ids →
+    Embedding → decoder blocks (sequential+GQA, parallel, joint, GPT-style
+    rotary) → FeedForward → logits.
+    """
+    src = keras.Input((S,), dtype="int32", name="encoder_input_ids")
+    tgt = keras.Input((T,), dtype="int32", name="decoder_input_ids")
+    memory = keras.layers.Embedding(11, C, mask_zero=True)(src)
+    memory = TransformerEncoderBlock(C, H, F, dropout=0.1)(memory)
+    x = keras.layers.Embedding(11, C, mask_zero=True)(tgt)
+    x = TransformerDecoderBlock(C, H, F, dropout=0.1, num_kv_heads=1)(x, memory)
+    x = TransformerDecoderBlock(C, H, F, interaction="parallel", norm_first=False)(x, memory)
+    x = TransformerDecoderBlock(C, H, F, interaction="joint")(x, memory)
+    x = TransformerDecoderBlock(C, H, F, cross_attention=False, rotary=True)(x)
+    x = FeedForward(C, F, dropout=0.1)(x)
     logits = keras.layers.Dense(11)(x)
-    return keras.Model(inputs, logits)
+    return keras.Model({"encoder_input_ids": src, "decoder_input_ids": tgt}, logits)
 
 
-def _batch(rng, kind):
+def _small_model():
+    """One of each layer class, for the compiled fit step and mixed precision."""
+    src = keras.Input((S,), dtype="int32", name="encoder_input_ids")
+    tgt = keras.Input((T,), dtype="int32", name="decoder_input_ids")
+    memory = keras.layers.Embedding(11, C, mask_zero=True)(src)
+    memory = TransformerEncoderBlock(C, H, F, dropout=0.1)(memory)
+    x = keras.layers.Embedding(11, C, mask_zero=True)(tgt)
+    x = TransformerDecoderBlock(C, H, F, num_kv_heads=1)(x, memory)
+    x = FeedForward(C, F)(x)
+    logits = keras.layers.Dense(11)(x)
+    return keras.Model({"encoder_input_ids": src, "decoder_input_ids": tgt}, logits)
+
+
+def _batch(rng):
     ids = rng.integers(1, 11, (B, T)).astype("int32")
     ids[1, -1] = 0
-    batch = {"decoder_input_ids": ids}
-    if kind not in ("feed_forward", "encoder"):
-        batch["encoder_input_ids"] = rng.integers(0, 11, (B, S)).astype("int32")
-        batch["encoder_input_ids"][:, 0] = 1
-    return batch
+    src = rng.integers(0, 11, (B, S)).astype("int32")
+    src[:, 0] = 1
+    return {"decoder_input_ids": ids, "encoder_input_ids": src}
 
 
-@pytest.mark.parametrize("kind", ["feed_forward", "encoder", "sequential", "joint"])
-def test_symbolic_roundtrip_fit(rng, tmp_path, kind):
-    model = _functional(kind)
-    batch = _batch(rng, kind)
+def test_symbolic_roundtrip_fit(rng, tmp_path):
+    model = _all_layers_model()
+    batch = _batch(rng)
     assert tuple(model(batch).shape) == (B, T, 11)
     roundtrip(model, batch, tmp_path)
-    fit_step(model, batch, rng.integers(0, 11, (B, T)).astype("int32"))
+    fit_step(_small_model(), batch, rng.integers(0, 11, (B, T)).astype("int32"))
 
 
-@pytest.mark.parametrize("kind", ["feed_forward", "encoder", "parallel"])
-def test_mixed_precision(rng, kind):
+def test_mixed_precision(rng):
     keras.config.set_dtype_policy("mixed_bfloat16")
-    model = _functional(kind)
-    out = model(_batch(rng, kind))
+    model = _small_model()
+    out = model(_batch(rng))
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     assert_finite(out)
     keras.config.set_dtype_policy("float32")
 

@@ -101,16 +101,6 @@ def test_attention_layers_match_numpy(rng, layer, score):
                                    np.einsum("bs,bsm->bm", expected, memory), **TOL)
 
 
-def test_keras_mask_of_memory_is_used(rng):
-    """In a functional model the encoder's padding mask reaches the decoder."""
-    model = _rnn_seq2seq("luong", "lstm")
-    src = rng.integers(1, V, (B, S)).astype("int32")
-    src[1, 2:] = 0
-    ids = rng.integers(1, V, (B, T)).astype("int32")
-    report = audit_padding_leakage(model, {"encoder_input_ids": src, "decoder_input_ids": ids})
-    assert report.passed, report
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="attention"):
         RNNDecoder(V, E, U, attention="transformer")
@@ -129,18 +119,21 @@ def test_bad_arguments():
 # ---------------------------------------------------------------------------
 # The checks every public layer gets.
 # ---------------------------------------------------------------------------
-def _rnn_seq2seq(attention="bahdanau", cell="gru", memory_dim=U):
-    """Embedding (mask_zero) → Dense encoder → RNNDecoder: a small RNN seq2seq.
+def _rnn_seq2seq(attentions=(("bahdanau", "gru"), ("luong", "lstm")), memory_dim=U):
+    """Embedding (mask_zero) → Dense encoder → RNN decoder(s): a small RNN seq2seq.
 
-    The encoder's Keras padding mask travels with ``memory`` into the decoder
+    The encoder's Keras padding mask travels with ``memory`` into each decoder
     (``memory_mask`` is filled in by Keras). A per-token Dense stands in for a
-    recurrent encoder to keep the tests fast.
+    recurrent encoder to keep the tests fast. With several decoders, their
+    logits are summed: one model, one compile.
     """
-    src = keras.Input((S,), dtype="int32", name="encoder_input_ids")
-    tgt = keras.Input((T,), dtype="int32", name="decoder_input_ids")
+    src = keras.Input((None,), dtype="int32", name="encoder_input_ids")
+    tgt = keras.Input((None,), dtype="int32", name="decoder_input_ids")
     x = keras.layers.Embedding(V, E, mask_zero=True)(src)
     memory = keras.layers.Dense(memory_dim, activation="tanh")(x)
-    logits = RNNDecoder(V, E, U, attention=attention, cell=cell, score="general")(tgt, memory)
+    logits = [RNNDecoder(V, E, U, attention=a, cell=c, score="general")(tgt, memory)
+              for a, c in attentions]
+    logits = logits[0] if len(logits) == 1 else keras.layers.Add()(logits)
     return keras.Model({"encoder_input_ids": src, "decoder_input_ids": tgt}, logits)
 
 
@@ -151,29 +144,30 @@ def _seq2seq_batch(rng):
     return {"encoder_input_ids": src, "decoder_input_ids": ids}
 
 
-@pytest.mark.parametrize("attention,cell", [("bahdanau", "gru"), ("luong", "lstm")])
-def test_symbolic_roundtrip_fit(rng, tmp_path, attention, cell):
-    model = _rnn_seq2seq(attention, cell)
+def test_symbolic_roundtrip_fit(rng, tmp_path):
+    model = _rnn_seq2seq()
     inputs = _seq2seq_batch(rng)
     assert tuple(model(inputs).shape) == (B, T, V)
     roundtrip(model, inputs, tmp_path)
-    labels = rng.integers(1, V, (B, T)).astype("int32")
-    fit_step(model, inputs, labels)
+    # The loop over time is unrolled when compiled: a short batch keeps it small.
+    short = {"encoder_input_ids": inputs["encoder_input_ids"][:, :3],
+             "decoder_input_ids": inputs["decoder_input_ids"][:, :3]}
+    fit_step(model, short, rng.integers(1, V, (B, 3)).astype("int32"))
 
 
 def test_audits_pass_on_rnn_seq2seq(rng):
-    model = _rnn_seq2seq("bahdanau", "lstm")
+    model = _rnn_seq2seq()
     inputs = _seq2seq_batch(rng)
+    inputs["encoder_input_ids"][1, 2:] = 0
     inputs["decoder_input_ids"][1, 3:] = 0
-    assert audit_causal_leakage(model, inputs).passed
+    assert audit_causal_leakage(model, inputs, positions=[0, 2]).passed
     assert audit_padding_leakage(model, inputs).passed
 
 
-@pytest.mark.parametrize("attention", ["bahdanau", "luong"])
-def test_mixed_precision(rng, attention):
+def test_mixed_precision(rng):
     keras.config.set_dtype_policy("mixed_bfloat16")
     ids, memory, mask = _data(rng)
-    decoder = RNNDecoder(V, E, U, attention=attention, cell="gru")
+    decoder = RNNDecoder(V, E, U, attention="luong", cell="lstm")
     logits = decoder(ids, memory, memory_mask=mask)
     assert keras.backend.standardize_dtype(logits.dtype) == "bfloat16"
     assert_finite(logits)
