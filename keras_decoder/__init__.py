@@ -24,3 +24,14 @@ from keras_decoder.masks import self_attention_mask  # noqa: F401
 from keras_decoder.masks import sliding_window_mask  # noqa: F401
 from keras_decoder.masks import to_additive  # noqa: F401
 from keras_decoder.viz import plot_mask  # noqa: F401
+from keras_decoder.audit import LeakageReport  # noqa: F401
+from keras_decoder.audit import audit_causal_leakage  # noqa: F401
+from keras_decoder.audit import audit_padding_leakage  # noqa: F401
+from keras_decoder.layers import FeedForward  # noqa: F401
+from keras_decoder.layers import TransformerDecoderBlock  # noqa: F401
+from keras_decoder.layers import TransformerEncoderBlock  # noqa: F401
+from keras_decoder.models import DecoderOnlyLM  # noqa: F401
+from keras_decoder.models import Seq2SeqTransformer  # noqa: F401
+from keras_decoder.rnn import BahdanauAttention  # noqa: F401
+from keras_decoder.rnn import LuongAttention  # noqa: F401
+from keras_decoder.rnn import RNNDecoder  # noqa: F401
