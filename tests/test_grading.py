@@ -12,11 +12,9 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -28,7 +26,6 @@ import pytest
 from keras import ops
 
 from keras_decoder.grading import (
-    Case,
     Mistake,
     Outcome,
     Output,
