@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-## lab: JupyterLab on lessons/ (KERAS_BACKEND=jax make lab picks the backend).
+## lab: JupyterLab opened on lessons/, with exercises/ beside it (KERAS_BACKEND=jax make lab picks the backend).
 lab: install
-	KERAS_BACKEND=$(KERAS_BACKEND) $(VENV)/bin/jupyter lab --ServerApp.root_dir=lessons $(ALLOW_ROOT) $(LAB_ARGS)
+	KERAS_BACKEND=$(KERAS_BACKEND) $(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/lessons $(ALLOW_ROOT) $(LAB_ARGS)
 
 ## test: the whole suite once per backend, each in its own process.
 test: install
