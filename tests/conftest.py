@@ -14,8 +14,7 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("keras", max_examples=20, deadline=None, derandomize=False)
 settings.load_profile("keras")
 
-BACKEND = keras.backend.backend()
-JIT_BACKENDS = ("tensorflow", "jax")
+from backend_info import BACKEND  # noqa: E402
 
 
 def pytest_report_header(config):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from conftest import BACKEND, JIT_BACKENDS
+from backend_info import BACKEND, JIT_BACKENDS
 from keras_decoder.finetune import enable_lora, freeze, prompt_loss_mask, trainable_fraction
 from keras_decoder.models import DecoderOnlyLM
 from keras_decoder.training import masked_loss

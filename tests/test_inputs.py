@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 import reference as ref
-from conftest import BACKEND, JIT_BACKENDS
+from backend_info import BACKEND, JIT_BACKENDS
 from keras_decoder import inputs as I
 from keras_decoder import masks as M
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from keras import ops
 
 import reference as ref
-from conftest import BACKEND, JIT_BACKENDS
+from backend_info import BACKEND, JIT_BACKENDS
 from keras_decoder import masks as M
 
 

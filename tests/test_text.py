@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from keras import layers, ops
 
-from conftest import BACKEND, JIT_BACKENDS
+from backend_info import BACKEND, JIT_BACKENDS
 from keras_decoder import data, masks
 from keras_decoder import text as T
 

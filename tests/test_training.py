@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from conftest import BACKEND, JIT_BACKENDS
+from backend_info import BACKEND, JIT_BACKENDS
 from keras_decoder.models import DecoderOnlyLM
 from keras_decoder.training import MaskedAccuracy, masked_accuracy, masked_loss
 
