@@ -43,23 +43,36 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # Blocked causal attention: when to use it.
 #
-# Causal attention computed block by block (each block of ``_BLOCK_SIZE``
-# queries attends only to the keys up to the end of its block) does about half
-# the work of the full square at long lengths. It pays off only where the
-# backend's fused kernel computes the whole square; torch's fused CPU kernel
-# already skips the masked blocks. The thresholds below were chosen by
-# measurement with ``benchmarks/attention.py`` (see the README): the smallest
-# sequence length at which the blocked path is used, or ``None`` for never.
+# Causal attention computed block by block (each block of queries attends only
+# to the keys up to the end of its block) does about half the work of the full
+# square at long lengths. It pays off only where the backend's fused kernel
+# computes the whole square; torch's fused CPU kernel already skips the masked
+# blocks of a plain causal mask. Per backend: ``(min_length, block_size,
+# kernel)``, the shortest sequence that takes the blocked path, its block size,
+# and how each block is computed (``"fused"``: ``keras.ops.dot_product_attention``;
+# ``"matmul"``: ``(B, H, T, D)`` matmuls and a float32 softmax), or ``None`` for
+# never. Chosen by measurement on a CPU with ``benchmarks/attention.py`` (its
+# second table; the README quotes it), and used on CPUs only: accelerators have
+# their own fused kernels.
 # ---------------------------------------------------------------------------
-_BLOCK_SIZE = 256
-_BLOCKED_CAUSAL_MIN_LENGTH = {"tensorflow": 1024, "jax": 1024, "torch": None}
-
-
-def _blocked_min_length():
-    return _BLOCKED_CAUSAL_MIN_LENGTH.get(keras.backend.backend())
-
-
+_BLOCKED_CAUSAL = {"tensorflow": (512, 256, "fused"), "jax": (512, 256, "matmul"),
+                   "torch": None}
 _ON_CPU = []
+
+
+def _on_cpu():
+    if not _ON_CPU:
+        devices = keras.distribution.list_devices()
+        _ON_CPU.append(all(str(d).lower().startswith("cpu") for d in devices))
+    return _ON_CPU[0]
+
+
+def _blocked_policy(length):
+    """``(block_size, kernel)`` for a causal length, or ``None`` for the fused path."""
+    policy = _BLOCKED_CAUSAL.get(keras.backend.backend())
+    if policy is None or length is None or length < policy[0] or not _on_cpu():
+        return None
+    return policy[1], policy[2]
 
 
 def _fused_supports(dtype):
@@ -70,10 +83,7 @@ def _fused_supports(dtype):
     """
     if keras.backend.backend() != "jax" or keras.backend.standardize_dtype(dtype) != "float16":
         return True
-    if not _ON_CPU:
-        devices = keras.distribution.list_devices()
-        _ON_CPU.append(all(str(d).lower().startswith("cpu") for d in devices))
-    return not _ON_CPU[0]
+    return not _on_cpu()
 
 
 # ---------------------------------------------------------------------------
@@ -245,24 +255,56 @@ def _slice(t, q_lo, q_hi, k_hi):
     return t[:, :, :, :k_hi]
 
 
-def _blocked_causal(query, key, value, mask, bias, scale, block_size):
+def _blocked_causal(query, key, value, mask, bias, scale, block_size, kernel="fused"):
     """Causal attention by query blocks; block ``[lo, hi)`` sees keys ``[0, hi)``.
 
     Same numbers as the full square (the skipped keys have weight exactly 0),
     about half the work at long lengths. Each block's mask is
     ``causal_mask(hi - lo, hi)``: bottom-right alignment puts query ``lo + i``
-    at key position ``lo + i``.
+    at key position ``lo + i``. ``kernel`` computes one block: ``"fused"``
+    (``keras.ops.dot_product_attention``) or ``"matmul"`` (see ``_matmul_block``).
     """
     length = query.shape[1]
+    if kernel == "matmul":
+        heads, kv_heads = query.shape[2], key.shape[2]
+        if heads != kv_heads:
+            key = ops.repeat(key, heads // kv_heads, axis=2)
+            value = ops.repeat(value, heads // kv_heads, axis=2)
+        query = ops.transpose(query, (0, 2, 1, 3))  # (B, H, T, D)
+        key = ops.transpose(key, (0, 2, 3, 1))  # (B, H, D, T): ready for q @ k
+        value = ops.transpose(value, (0, 2, 1, 3))  # (B, H, T, Dv)
     outputs = []
     for lo in range(0, length, block_size):
         hi = min(lo + block_size, length)
         block_mask = _and(_causal_4d(hi - lo, hi), _slice(mask, lo, hi, hi))
-        outputs.append(
-            _fused(query[:, lo:hi], key[:, :hi], value[:, :hi], block_mask,
-                   _slice(bias, lo, hi, hi), scale, causal=False)
-        )
+        block_bias = _slice(bias, lo, hi, hi)
+        if kernel == "matmul":
+            outputs.append(_matmul_block(query[:, :, lo:hi], key[..., :hi], value[:, :, :hi],
+                                         block_mask, block_bias, scale, mask is not None))
+        else:
+            outputs.append(_fused(query[:, lo:hi], key[:, :hi], value[:, :hi], block_mask,
+                                  block_bias, scale, causal=False))
+    if kernel == "matmul":
+        return ops.transpose(ops.concatenate(outputs, axis=2), (0, 2, 1, 3))  # (B, T, H, Dv)
     return ops.concatenate(outputs, axis=1)  # (B, T, H, Dv)
+
+
+def _matmul_block(query, key_t, value, mask, bias, scale, may_have_empty_rows):
+    """One block in the ``(B, H, T, D)`` layout: ``softmax(q kᵀ) v`` with plain matmuls.
+
+    ``query`` ``(B, H, tq, D)``, ``key_t`` ``(B, H, D, tk)``, ``value``
+    ``(B, H, tk, Dv)``, ``mask`` bool ``(b, h, tq, tk)``: the causal part alone
+    never empties a row; a caller's mask may. XLA on CPU runs this faster than
+    the ``(B, T, H, D)`` einsums of ``jax.nn.dot_product_attention``.
+    """
+    scores = ops.multiply(ops.cast(ops.matmul(query, key_t), "float32"), scale)  # (B, H, tq, tk)
+    if bias is not None:
+        scores = ops.add(scores, ops.cast(bias, "float32"))
+    scores = ops.where(mask, scores, _masks.large_negative("float32"))
+    weights = ops.softmax(scores, axis=-1)
+    if may_have_empty_rows:  # a row with no key gives 0, not a uniform average
+        weights = ops.where(ops.any(mask, axis=-1, keepdims=True), weights, 0.0)
+    return ops.matmul(ops.cast(weights, value.dtype), value)  # (B, H, tq, Dv)
 
 
 def _check_qkv(query, key, value):
@@ -323,10 +365,12 @@ def _attend(query, key, value, mask=None, bias=None, causal=False, scale=None,
         )
         return (output, weights) if return_weights else output
     if block_size is None:
-        threshold = _blocked_min_length()
-        block_size = _BLOCK_SIZE if threshold is not None and q_len >= threshold else 0
+        block_size, kernel = _blocked_policy(q_len) or (0, None)
+    else:  # given by a test or the benchmark: "size" or ("size", "kernel")
+        block_size, kernel = block_size if isinstance(block_size, tuple) else (block_size,
+                                                                               "fused")
     if causal and block_size and q_len > block_size:
-        return _blocked_causal(query, key, value, mask, bias, scale, block_size)
+        return _blocked_causal(query, key, value, mask, bias, scale, block_size, kernel)
     return _fused(query, key, value, mask, bias, scale, causal)
 
 

@@ -178,19 +178,23 @@ def test_fused_path_equals_explicit_path(rng):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_fully_masked_rows_are_zero_with_finite_grads(rng, dtype):
-    """All three paths (fused, explicit, dropout): empty rows give exactly 0,
-    every gradient is finite, and nothing flows back from an empty row."""
-    b, tq, tk, h, d = 2, 6, 5, 4, 4
-    q, k, v = randn(rng, b, tq, h, d), randn(rng, b, tk, h, d), randn(rng, b, tk, h, d)
-    mask = random_mask(rng, (b, tq, tk))
+    """Every path (fused, explicit, dropout, and both blocked causal kernels):
+    empty rows give exactly 0, every gradient is finite, and nothing flows
+    back from an empty row."""
+    b, t, h, d = 2, 6, 4, 4
+    q, k, v = randn(rng, b, t, h, d), randn(rng, b, t, h, d), randn(rng, b, t, h, d)
+    mask = random_mask(rng, (b, t, t))
     mask[0, 1] = False  # one empty row
     mask[1, :, :] = False  # a whole batch row with nothing to attend to
     paths = [{}, dict(return_weights=True), dict(dropout_rate=0.3, training=True, seed=3)]
+    causal = np.tril(np.ones((t, t), bool))
 
     def run(q, k, v):
         q, k, v = (ops.cast(x, dtype) for x in (q, k, v))
         outs = [scaled_dot_product_attention(q, k, v, mask, **kw) for kw in paths]
         outs = [o[0] if isinstance(o, tuple) else o for o in outs]
+        outs += [att._attend(q, k, v, mask=ops.convert_to_tensor(mask[:, None]), causal=True,
+                             block_size=(4, kernel)) for kernel in ("fused", "matmul")]
         assert all(keras.backend.standardize_dtype(o.dtype) == dtype for o in outs)
         return outs
 
@@ -200,13 +204,15 @@ def test_fully_masked_rows_are_zero_with_finite_grads(rng, dtype):
 
     (gq, gk, gv), outs = grads(loss, q, k, v)
     expected, _ = ref.gqa_attention(q, k, v, mask)
+    expected_causal, _ = ref.gqa_attention(q, k, v, mask & causal)
     tol = 1e-5 if dtype == "float32" else 3e-2  # half precision: ~3 significant digits
     for i, out in enumerate(outs):
         out = np.asarray(out, "float32")
         assert np.all(out[0, 1] == 0.0) and np.all(out[1] == 0.0)
         assert np.all(np.isfinite(out))
-        if i < 2:  # not the dropout path
-            np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+        if i != 2:  # not the dropout path
+            want = expected if i < 2 else expected_causal
+            np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
     for g in (gq, gk, gv):
         assert np.all(np.isfinite(g))
     assert np.all(gq[0, 1] == 0.0) and np.all(gq[1] == 0.0)
@@ -291,13 +297,16 @@ def test_blocked_causal_path_equals_unblocked(rng, padded, kv_heads):
         mask = ops.convert_to_tensor(pad[:, None, None, :])
     bias = ops.convert_to_tensor(ref.alibi_bias(h, np.arange(t), np.arange(t)).astype("float32"))
 
-    def run(q, k, v):
-        return [att._attend(q, k, v, mask=mask, causal=True, block_size=block, **kw)
-                for kw in ({"bias": bias}, {}) for block in (0, 4)]
+    blocks = (0, (4, "fused"), (4, "matmul"))
 
-    with_bias, with_bias_blocked, full, blocked = (np_(t) for t in compiled(run)(q, k, v))
-    np.testing.assert_allclose(with_bias_blocked, with_bias, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(blocked, full, rtol=1e-6, atol=1e-6)
+    def run(q, k, v):
+        return [[att._attend(q, k, v, mask=mask, causal=True, block_size=block, **kw)
+                 for block in blocks] for kw in ({"bias": bias}, {})]
+
+    (with_bias, *with_bias_blocked), (full, *blocked) = (
+        [np_(t) for t in row] for row in compiled(run)(q, k, v))
+    for a, b in zip(with_bias_blocked + blocked, [with_bias] * 2 + [full] * 2):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     expected_mask = np.tril(np.ones((t, t), bool))[None, None]
     if padded:
         expected_mask = expected_mask & pad[:, None, None, :]
@@ -306,14 +315,19 @@ def test_blocked_causal_path_equals_unblocked(rng, padded, kv_heads):
     np.testing.assert_allclose(full, expected, **TOL)
 
 
-def test_blocked_path_used_through_the_layer(rng, monkeypatch):
+@pytest.mark.parametrize("kernel", ["fused", "matmul"])
+def test_blocked_path_used_through_the_layer(rng, monkeypatch, kernel):
     """Force the blocked path in the layer; it must give the same numbers."""
     x = randn(rng, 2, 6, 8)
     layer = MultiHeadAttention(4, 4)
     full = np_(layer(x, x, use_causal_mask=True))
-    monkeypatch.setattr(att, "_BLOCKED_CAUSAL_MIN_LENGTH", {BACKEND: 6})
-    monkeypatch.setattr(att, "_BLOCK_SIZE", 4)
+    monkeypatch.setattr(att, "_BLOCKED_CAUSAL", {BACKEND: (6, 4, kernel)})
+    monkeypatch.setattr(att, "_ON_CPU", [True])
+    calls = []
+    blocked = att._blocked_causal
+    monkeypatch.setattr(att, "_blocked_causal", lambda *a: calls.append(1) or blocked(*a))
     np.testing.assert_allclose(np_(layer(x, x, use_causal_mask=True)), full, rtol=1e-6, atol=1e-6)
+    assert calls  # the blocked path was taken
 
 
 # ---------------------------------------------------------------------------
