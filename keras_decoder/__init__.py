@@ -35,3 +35,8 @@ from keras_decoder.models import Seq2SeqTransformer  # noqa: F401
 from keras_decoder.rnn import BahdanauAttention  # noqa: F401
 from keras_decoder.rnn import LuongAttention  # noqa: F401
 from keras_decoder.rnn import RNNDecoder  # noqa: F401
+from keras_decoder.attention import CrossAttention  # noqa: F401
+from keras_decoder.attention import InteractingAttention  # noqa: F401
+from keras_decoder.attention import MultiHeadAttention  # noqa: F401
+from keras_decoder.attention import SelfAttention  # noqa: F401
+from keras_decoder.attention import scaled_dot_product_attention  # noqa: F401
