@@ -9,8 +9,9 @@ The lessons themselves run under strict nbval (``make test`` passes
   prerequisites, which sections of the seed article it covers), an "About the
   article" note, at least three ``assert`` cells, at least one figure, and a
   closing summary that links to an exercise set that exists;
-* JupyterLab, started headless the way ``make lab`` starts it, serves every
-  lesson over its REST API.
+* JupyterLab, started headless the way ``make lab`` starts it (the repository
+  as root, opened on ``lessons/``), serves every lesson, and the exercise
+  notebooks the lessons link to, over its REST API.
 
 Nothing here imports Keras: the checks read the committed notebooks as JSON.
 """
@@ -184,7 +185,7 @@ def _start_lab(tmp_path, token):
         command = [
             str(jupyter), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
             "--ServerApp.port_retries=0", f"--ServerApp.token={token}",
-            f"--ServerApp.root_dir={LESSONS}",
+            f"--ServerApp.root_dir={ROOT}", "--LabApp.default_url=/lab/tree/lessons",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             command.append("--allow-root")  # as `make lab` does on root-only machines
@@ -220,20 +221,34 @@ def _stop_lab(process, base, token):
             process.wait()
 
 
+def _linked_exercises():
+    links = set()
+    for name in EXPECTED:
+        closing = _source(_load(name)["cells"][-1])
+        links.update(Path(link).name for link in re.findall(r"\]\(\.\./exercises/([^)]+\.ipynb)\)", closing))
+    return sorted(links)
+
+
 def test_jupyterlab_serves_every_lesson(tmp_path):
     token = secrets.token_hex(16)
     process, base = _start_lab(tmp_path, token)
     try:
-        listing = _get(f"{base}/api/contents", token, timeout=30)
+        listing = _get(f"{base}/api/contents/lessons", token, timeout=30)
         served = {item["name"]: item["type"] for item in listing["content"]}
         for name in EXPECTED:
             assert served.get(f"{name}.ipynb") == "notebook", (
-                f"JupyterLab does not serve {name}.ipynb as a notebook. Served: {sorted(served)}"
+                f"JupyterLab does not serve lessons/{name}.ipynb as a notebook. Served: {sorted(served)}"
             )
-            notebook = _get(f"{base}/api/contents/{name}.ipynb", token, timeout=30)
+            notebook = _get(f"{base}/api/contents/lessons/{name}.ipynb", token, timeout=30)
             assert notebook["type"] == "notebook" and notebook["content"]["cells"], name
+        exercises = {item["name"] for item in _get(f"{base}/api/contents/exercises", token, timeout=30)["content"]}
+        missing = [name for name in _linked_exercises() if name not in exercises]
+        assert not missing, f"The lessons link to exercise notebooks that JupyterLab does not serve: {missing}"
+        request = urllib.request.Request(f"{base}/lab/tree/lessons", headers={"Authorization": f"token {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:  # the page `make lab` opens
+            assert response.status == 200
         with pytest.raises(urllib.error.HTTPError):  # the token is really required
-            with urllib.request.urlopen(f"{base}/api/contents", timeout=10):
+            with urllib.request.urlopen(f"{base}/api/contents/lessons", timeout=10):
                 pass
     finally:
         _stop_lab(process, base, token)
