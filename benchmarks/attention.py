@@ -111,6 +111,7 @@ def compiler(mode):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
+        tf.get_logger().setLevel("ERROR")  # one tf.function per variant: retracing is expected
         return lambda fn: tf.function(fn, jit_compile=True)
     raise ValueError(f"No compiled mode on {BACKEND}")
 

@@ -55,7 +55,7 @@ __all__ = [
 # second table; the README quotes it), and used on CPUs only: accelerators have
 # their own fused kernels.
 # ---------------------------------------------------------------------------
-_BLOCKED_CAUSAL = {"tensorflow": (512, 256, "fused"), "jax": (512, 256, "matmul"),
+_BLOCKED_CAUSAL = {"tensorflow": (512, 256, "fused"), "jax": (512, 128, "matmul"),
                    "torch": None}
 _ON_CPU = []
 
