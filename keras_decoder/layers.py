@@ -35,7 +35,6 @@ block named ``decoder_block_0``::
 import keras
 from keras import ops
 
-from keras_decoder import masks as _masks
 from keras_decoder.attention import MultiHeadAttention
 
 try:  # Keras keeps masks of JAX arrays (which take no attributes) on the side.
@@ -65,6 +64,12 @@ def _and(a, b):
     if a is None or b is None:
         return b if a is None else a
     return ops.logical_and(ops.cast(a, "bool"), ops.cast(b, "bool"))
+
+
+def _causal(length):
+    """The ``(T, T)`` lower triangle, for a length known only at run time."""
+    steps = ops.arange(length, dtype="int32")
+    return ops.less_equal(steps[None, :], steps[:, None])
 
 
 def _head_dim(dim, num_heads):
@@ -417,17 +422,17 @@ class TransformerDecoderBlock(_Block):
             nonlocal new_cache
             if cache is None and memory_cache is None:
                 keys = ops.concatenate([ops.cast(memory, h.dtype), h], axis=1)  # (B, S + T, C)
-                own = _masks.causal_mask(length) if causal else None  # (T, T)
+                own = _causal(ops.shape(h)[1]) if causal else None  # (T, T)
                 own = _and(own, self_mask)
                 return attention(h, keys, attention_mask=self._joint_mask(
-                    memory_key_mask, own, ops.shape(h)[0], memory.shape[1], length),
-                    training=training)
+                    memory_key_mask, own, ops.shape(h)[0], ops.shape(memory)[1],
+                    ops.shape(h)[1]), training=training)
             memory_k, memory_v = (memory_cache if memory_cache is not None
                                   else self.memory_cache(memory))
             k, v = attention.key_dense(h), attention.value_dense(h)  # (B, T, Hkv, D)
             if cache is None:  # memory cached, decoder not: keys are [memory; h]
                 keys_k, keys_v, own_len = k, v, length
-                own = _masks.causal_mask(length) if causal else None
+                own = _causal(ops.shape(h)[1]) if causal else None
             else:  # write the new keys at cache_index, attend over the whole cache
                 key_cache = ops.slice_update(cache[0], (0, cache_index, 0, 0),
                                              ops.cast(k, cache[0].dtype))
@@ -444,8 +449,8 @@ class TransformerDecoderBlock(_Block):
             own = _and(own, self_mask)
             both = (ops.concatenate([ops.cast(memory_k, keys_k.dtype), keys_k], axis=1),
                     ops.concatenate([ops.cast(memory_v, keys_v.dtype), keys_v], axis=1))
-            mask = self._joint_mask(memory_key_mask, own, ops.shape(h)[0], memory_k.shape[1],
-                                    length)
+            mask = self._joint_mask(memory_key_mask, own, ops.shape(h)[0],
+                                    ops.shape(memory_k)[1], ops.shape(h)[1])
             out, _ = attention(h, h, attention_mask=mask, cache=both, training=training)
             return out  # (B, T, C)
 
@@ -462,7 +467,7 @@ class TransformerDecoderBlock(_Block):
         if own is None:
             own = ops.ones((1, length, length), dtype="bool")
         own = own if len(own.shape) == 3 else ops.expand_dims(own, 0)
-        own = ops.broadcast_to(own, (batch, length, own.shape[-1]))
+        own = ops.broadcast_to(own, (batch, length, ops.shape(own)[-1]))
         return ops.concatenate([memory_part, own], axis=-1)
 
     def get_config(self):

@@ -472,6 +472,16 @@ class RNNDecoder(keras.layers.Layer):
         outputs = ops.transpose(states["output"], (1, 0, 2))  # (B, T, out_dim)
         return outputs, ops.transpose(weights, (1, 0, 2))  # (B, T, S)
 
+    def compute_output_spec(self, decoder_input_ids, memory, memory_mask=None,
+                            initial_state=None, return_attention_scores=False, training=None):
+        """Shapes without tracing the loop: ``(B, T, V)`` (and ``(B, T, S)``)."""
+        batch, length = decoder_input_ids.shape[:2]
+        logits = keras.KerasTensor((batch, length, self.vocab_size), dtype=self.compute_dtype)
+        if return_attention_scores:
+            weights = keras.KerasTensor((batch, length, memory.shape[1]), dtype=self.compute_dtype)
+            return logits, weights
+        return logits
+
     def compute_mask(self, *args, **kwargs):
         return None
 

@@ -17,7 +17,10 @@ import numpy as np
 
 BACKEND = keras.backend.backend()
 JIT = BACKEND in ("tensorflow", "jax")  # torch: jit_compile would mean torch.compile
-NEXT_BACKEND = {"tensorflow": "jax", "jax": "torch", "torch": "tensorflow"}[BACKEND]
+# Where a saved model is loaded again. Torch and TensorFlow run eagerly without
+# compiling each op (JAX compiles every op of a first eager call), so the check
+# stays cheap; the three runs together cover tf→torch, jax→torch, torch→tf.
+NEXT_BACKEND = {"tensorflow": "torch", "jax": "torch", "torch": "tensorflow"}[BACKEND]
 
 
 def to_numpy(x):
