@@ -253,3 +253,21 @@ def test_jupyterlab_serves_every_lesson(tmp_path):
     finally:
         _stop_lab(process, base, token)
     assert process.poll() is not None, "JupyterLab is still running after shutdown"
+
+
+def test_conftest_leaves_stderr_out_of_the_comparison():
+    """lessons/conftest.py adds 'stderr' to what nbval skips, for notebooks only."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("lessons_conftest", LESSONS / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    notebook = types.SimpleNamespace(fspath=LESSONS / "03_masks.ipynb", skip_compare=("metadata", "traceback"))
+    module.pytest_collectstart(notebook)
+    assert "stderr" in notebook.skip_compare and "metadata" in notebook.skip_compare
+    other = types.SimpleNamespace(fspath=ROOT / "tests" / "test_masks.py", skip_compare=("metadata",))
+    module.pytest_collectstart(other)
+    assert other.skip_compare == ("metadata",)
+    sanitize = (LESSONS / "nbval_sanitize.cfg").read_text()
+    assert "ipykernel_" in sanitize  # the temporary paths of warnings are sanitized
