@@ -194,6 +194,7 @@ class RotaryEmbedding(keras.layers.Layer):
     def __init__(self, max_wavelength=10000, **kwargs):
         super().__init__(**kwargs)
         self.max_wavelength = max_wavelength
+        self.supports_masking = True  # the padding mask passes through unchanged
 
     def call(self, inputs, start_index=0):
         dim = inputs.shape[-1]
