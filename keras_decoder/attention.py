@@ -585,9 +585,11 @@ class MultiHeadAttention(keras.layers.Layer):
     # -- construction -----------------------------------------------------
     def _projection(self, name, heads, size):
         layer = keras.layers.EinsumDense(
-            "btc,chd->bthd",
+            # (B, T, C) x (C, H, D) -> (B, T, H, D). Letters in the order of the
+            # dimensions: torch.einsum then needs no transposing copies.
+            "abc,cde->abde",
             output_shape=(None, heads, size),
-            bias_axes="hd" if self.use_bias else None,
+            bias_axes="de" if self.use_bias else None,
             name=name,
             dtype=self.dtype_policy,
         )
@@ -616,9 +618,9 @@ class MultiHeadAttention(keras.layers.Layer):
         self._key_dense.build(key_shape)
         self._value_dense.build(value_shape)
         self._output_dense = keras.layers.EinsumDense(
-            "bthd,hdc->btc",
+            "abcd,cde->abe",  # (B, T, H, Dv) x (H, Dv, C) -> (B, T, C)
             output_shape=(None, query_shape[-1]),
-            bias_axes="c" if self.use_bias else None,
+            bias_axes="e" if self.use_bias else None,
             name="attention_output",
             dtype=self.dtype_policy,
         )
