@@ -47,30 +47,43 @@ __all__ = [
 # to the keys up to the end of its block) does about half the work of the full
 # square at long lengths. It pays off only where the backend's fused kernel
 # computes the whole square; torch's fused CPU kernel already skips the masked
-# blocks of a plain causal mask. Per backend: ``(min_length, block_size,
-# kernel)``, the shortest sequence that takes the blocked path, its block size,
-# and how each block is computed (``"fused"``: ``keras.ops.dot_product_attention``;
-# ``"matmul"``: ``(B, H, T, D)`` matmuls and a float32 softmax), or ``None`` for
-# never. Chosen by measurement on a CPU with ``benchmarks/attention.py`` (its
+# blocks of a plain causal mask (but not of a causal mask combined with key
+# padding). Per backend: ``(min_length, block_size, kernel[, "masked"])``, the
+# shortest sequence that takes the blocked path, its block size, how each
+# block is computed (``"fused"``: ``keras.ops.dot_product_attention``;
+# ``"matmul"``: ``(B, H, T, D)`` matmuls and a float32 softmax), and
+# ``"masked"`` to block only when another mask comes with the causal one; or
+# ``None`` for never. Chosen by measurement on a CPU with ``benchmarks/attention.py`` (its
 # second table; the README quotes it), and used on CPUs only: accelerators have
 # their own fused kernels.
 # ---------------------------------------------------------------------------
 _BLOCKED_CAUSAL = {"tensorflow": (512, 256, "fused"), "jax": (512, 128, "matmul"),
-                   "torch": None}
+                   "torch": (512, 256, "fused", "masked")}
 _ON_CPU = []
 
 
 def _on_cpu():
+    """Whether Keras computes on the CPU (no accelerator). Asked once."""
     if not _ON_CPU:
-        devices = keras.distribution.list_devices()
-        _ON_CPU.append(all(str(d).lower().startswith("cpu") for d in devices))
+        try:
+            devices = [str(d) for d in keras.distribution.list_devices()]
+        except Exception:  # torch: no distribution API; ask where a tensor lands
+            devices = [str(getattr(ops.zeros(()), "device", "cpu"))]
+        _ON_CPU.append(all("cpu" in d.lower() for d in devices))
     return _ON_CPU[0]
 
 
-def _blocked_policy(length):
-    """``(block_size, kernel)`` for a causal length, or ``None`` for the fused path."""
+def _blocked_policy(length, masked):
+    """``(block_size, kernel)`` for a causal length, or ``None`` for the fused path.
+
+    ``masked``: whether a mask (key padding...) comes with the causal one. A
+    policy whose 4th entry is ``"masked"`` blocks only then: the fused kernel
+    skips the upper triangle of a plain causal mask by itself (torch).
+    """
     policy = _BLOCKED_CAUSAL.get(keras.backend.backend())
     if policy is None or length is None or length < policy[0] or not _on_cpu():
+        return None
+    if policy[3:] == ("masked",) and not masked:
         return None
     return policy[1], policy[2]
 
@@ -365,7 +378,8 @@ def _attend(query, key, value, mask=None, bias=None, causal=False, scale=None,
         )
         return (output, weights) if return_weights else output
     if block_size is None:
-        block_size, kernel = _blocked_policy(q_len) or (0, None)
+        block_size, kernel = _blocked_policy(q_len, mask is not None or bias is not None) or (
+            0, None)
     else:  # given by a test or the benchmark: "size" or ("size", "kernel")
         block_size, kernel = block_size if isinstance(block_size, tuple) else (block_size,
                                                                                "fused")

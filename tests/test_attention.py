@@ -315,19 +315,38 @@ def test_blocked_causal_path_equals_unblocked(rng, padded, kv_heads):
     np.testing.assert_allclose(full, expected, **TOL)
 
 
+def test_blocked_policy(monkeypatch):
+    """Which lengths take the blocked path; "masked" policies need a mask."""
+    monkeypatch.setattr(att, "_ON_CPU", [])
+    assert att._on_cpu() in (True, False)  # device detection works on this backend
+    monkeypatch.setattr(att, "_ON_CPU", [True])
+    monkeypatch.setattr(att, "_BLOCKED_CAUSAL", {BACKEND: (512, 256, "fused", "masked")})
+    assert att._blocked_policy(511, masked=True) is None
+    assert att._blocked_policy(512, masked=True) == (256, "fused")
+    assert att._blocked_policy(2048, masked=False) is None
+    monkeypatch.setattr(att, "_BLOCKED_CAUSAL", {BACKEND: (512, 128, "matmul")})
+    assert att._blocked_policy(2048, masked=False) == (128, "matmul")
+    monkeypatch.setattr(att, "_ON_CPU", [False])  # accelerators keep their fused kernels
+    assert att._blocked_policy(2048, masked=True) is None
+
+
 @pytest.mark.parametrize("kernel", ["fused", "matmul"])
 def test_blocked_path_used_through_the_layer(rng, monkeypatch, kernel):
     """Force the blocked path in the layer; it must give the same numbers."""
     x = randn(rng, 2, 6, 8)
+    pad = with_padding(rng, 2, 6)[:, None, :]  # (B, 1, T)
     layer = MultiHeadAttention(4, 4)
     full = np_(layer(x, x, use_causal_mask=True))
+    full_padded = np_(layer(x, x, attention_mask=pad, use_causal_mask=True))
     monkeypatch.setattr(att, "_BLOCKED_CAUSAL", {BACKEND: (6, 4, kernel)})
     monkeypatch.setattr(att, "_ON_CPU", [True])
     calls = []
     blocked = att._blocked_causal
     monkeypatch.setattr(att, "_blocked_causal", lambda *a: calls.append(1) or blocked(*a))
     np.testing.assert_allclose(np_(layer(x, x, use_causal_mask=True)), full, rtol=1e-6, atol=1e-6)
-    assert calls  # the blocked path was taken
+    np.testing.assert_allclose(np_(layer(x, x, attention_mask=pad, use_causal_mask=True)),
+                               full_padded, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 2  # the blocked path was taken
 
 
 # ---------------------------------------------------------------------------
