@@ -63,11 +63,23 @@ def _block(x):
     return ops.convert_to_numpy(x)
 
 
+MIN_SECONDS = 3.0  # per callable: fast ones get more repeats (less noise)
+
+
 def measure(fns, repeats, warmup):
-    """Median seconds of each ``fns[name]()``, interleaved round-robin."""
-    for fn in fns.values():
+    """Median seconds of each ``fns[name]()``, interleaved round-robin.
+
+    At least ``repeats`` rounds, and more (up to 10x) while a callable has run
+    for less than ``MIN_SECONDS`` in all: fast cases get more samples.
+    """
+    first = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
+            start = time.perf_counter()
             _block(fn())
+            first[name] = time.perf_counter() - start
+    slowest = max(first.values(), default=0.0) or 1e-3
+    repeats = min(10 * repeats, max(repeats, int(MIN_SECONDS / slowest)))
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
@@ -75,7 +87,7 @@ def measure(fns, repeats, warmup):
             start = time.perf_counter()
             _block(fns[name]())
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items()}, repeats
 
 
 def numpy_gflops(repeats):
@@ -172,9 +184,9 @@ def run(repeats, modes):
             mask = None if pad is None else ops.convert_to_tensor(pad[:, None, :])  # (B, 1, T)
             f_ours = layer_call(ours, mode, use_causal_mask=True)
             f_theirs = layer_call(theirs, mode, use_causal_mask=True)
-            times = measure({"ours": lambda: f_ours(x, mask), "keras": lambda: f_theirs(x, mask)},
-                            repeats, warmup)
-            rows.append((mode, name, "layer", times, layer_flops(b, t)))
+            times, runs = measure({"ours": lambda: f_ours(x, mask),
+                                   "keras": lambda: f_theirs(x, mask)}, repeats, warmup)
+            rows.append((mode, name, "layer", times, runs, layer_flops(b, t)))
 
             # The function, config A only: causal + padding as one boolean mask.
             if name == "A":
@@ -185,9 +197,9 @@ def run(repeats, modes):
                 full = ops.convert_to_tensor(full)  # (B, 1, T, T)
                 g_ours = compile_(lambda q, k, v, m: att.scaled_dot_product_attention(q, k, v, m))
                 g_keras = compile_(lambda q, k, v, m: ops.dot_product_attention(q, k, v, mask=m))
-                times = measure({"ours": lambda: g_ours(q, k, v, full),
-                                 "keras": lambda: g_keras(q, k, v, full)}, repeats, warmup)
-                rows.append((mode, name, "function", times, attention_flops(b, t)))
+                times, runs = measure({"ours": lambda: g_ours(q, k, v, full),
+                                       "keras": lambda: g_keras(q, k, v, full)}, repeats, warmup)
+                rows.append((mode, name, "function", times, runs, attention_flops(b, t)))
 
             # The blocked-path sweep behind attention._BLOCKED_CAUSAL.
             q, k, v = (ops.convert_to_tensor(
@@ -198,24 +210,24 @@ def run(repeats, modes):
                 fn = compile_(lambda q, k, v, block=block: att._attend(
                     q, k, v, mask=key_mask, causal=True, block_size=block))
                 fns[block] = lambda fn=fn: fn(q, k, v)
-            sweep.append((mode, name, measure(fns, max(3, repeats - 2), warmup)))
+            sweep.append((mode, name, measure(fns, max(3, repeats - 2), warmup)[0]))
     return rows, sweep
 
 
 def report(rows, sweep, gflops, repeats):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n### KERAS_BACKEND={BACKEND} (keras {keras.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {load:.1f}, median of {repeats}; NumPy float32 matmul "
+          f"load average {load:.1f}, median of >= {repeats} runs; NumPy float32 matmul "
           f"{gflops:.0f} GFLOP/s)\n")
-    print("| mode | config | ours / baseline | ours ms | baseline ms | ratio | target | met "
-          "| ours GFLOP/s | baseline GFLOP/s |")
-    print("|---|---|---|---:|---:|---:|---:|---|---:|---:|")
-    for mode, name, what, times, flops in rows:
+    print("| mode | config | ours / baseline | runs | ours ms | baseline ms | ratio | target "
+          "| met | ours GFLOP/s | baseline GFLOP/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    for mode, name, what, times, runs, flops in rows:
         ratio = times["ours"] / times["keras"]
         target = TARGETS[(name, what)]
         label = ("`MultiHeadAttention` / `keras.layers.MultiHeadAttention`" if what == "layer"
                  else "`scaled_dot_product_attention` / `keras.ops.dot_product_attention`")
-        print(f"| {mode} | {name} | {label} | {times['ours'] * 1e3:.0f} | "
+        print(f"| {mode} | {name} | {label} | {runs} | {times['ours'] * 1e3:.0f} | "
               f"{times['keras'] * 1e3:.0f} | {ratio:.2f} | <= {target} | "
               f"{'yes' if ratio <= target else '**no**'} | {flops / times['ours'] / 1e9:.1f} | "
               f"{flops / times['keras'] / 1e9:.1f} |")

@@ -732,8 +732,6 @@ class MultiHeadAttention(keras.layers.Layer):
         if cache is None or read_only:
             # Bottom-right alignment: query i sits at key position (Tk - Tq) + i.
             start = k_len - q_len
-            q_pos = ops.arange(q_len, dtype="int32") + start
-            k_pos = ops.arange(k_len, dtype="int32")
             if self.rotary:
                 q = self._apply_rotary(q, start)
                 if not read_only:  # cached keys were rotated when they were written
@@ -749,7 +747,8 @@ class MultiHeadAttention(keras.layers.Layer):
                 q = self._apply_rotary(q, cache_index)
                 k = self._apply_rotary(k, cache_index)
             new_cache, k, v = self._update_cache(cache, k, v, cache_index)  # (B, max_len, ...)
-            q_pos = ops.arange(q_len, dtype="int32") + cache_index
+            start = cache_index
+            q_pos = ops.arange(q_len, dtype="int32") + start
             k_pos = ops.arange(k_len, dtype="int32")
             mask = self._offset_mask(q_pos, k_pos, cache_index + q_len, causal)
             key_padding = self._cache_padding(key_padding, k_len, cache_index)
@@ -758,7 +757,10 @@ class MultiHeadAttention(keras.layers.Layer):
         mask = _and(mask, attention_mask)
         if key_padding is not None:
             mask = _and(mask, key_padding[:, None, None, :])  # (B, 1, 1, Tk)
-        bias = _alibi_bias(self.num_heads, q_pos, k_pos) if self.alibi else None
+        bias = None
+        if self.alibi:  # query i at position start + i, key j at position j
+            bias = _alibi_bias(self.num_heads, ops.arange(q_len, dtype="int32") + start,
+                               ops.arange(k_len, dtype="int32"))
         result = _attend(
             q, k, v, mask=mask, bias=bias, causal=causal, scale=1.0 / math.sqrt(self.key_dim),
             dropout_rate=self.dropout, training=training,
