@@ -799,3 +799,30 @@ def test_empty_notebook_with_exercise_is_graded_without_a_kernel(tmp_path):
 def test_no_scratch_folders_are_left_behind(batch):
     assert batch["scratch"], "grade_paths made no scratch folder?"
     assert not [p for p in batch["scratch"] if Path(p).exists()]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [np.float32(2.5), np.array(3, dtype=np.int32), 7, np.eye(3)[:, ::2], np.zeros((2, 0))],
+    ids=["numpy-scalar", "0-d-array", "python-int", "non-contiguous", "empty"],
+)
+def test_harness_sends_results_back_with_their_shape(answer):
+    # A scalar answer once came back as shape (1,) (np.ascontiguousarray) and
+    # was graded wrong by `keras-decoder grade` while `ex.check` said correct.
+    import base64
+    import time
+
+    from keras_decoder.grading import _harness
+
+    sent = []
+    harness = _harness._Harness(
+        cases={"q": [((), {})]}, namespace={"q": lambda: answer},
+        publish=sent.append, mime=runner.MIME, nonce="n", np=np, io=io, base64=base64,
+        time=time, blocked=[], convert=None,
+    )
+    harness.call("q")
+    kind, outcomes = runner.parse_payload(_out(sent[0][runner.MIME]), "n", "q", 1)
+    assert kind == "outcomes"
+    expected = np.asarray(answer)
+    assert outcomes[0].value.shape == expected.shape
+    np.testing.assert_array_equal(outcomes[0].value, expected)

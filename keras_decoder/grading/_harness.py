@@ -350,7 +350,7 @@ class _Harness:
         self._np, self._io, self._base64, self._time, self._blocked = np, io, base64, time, blocked
         # Captured now: the learner may replace numpy or keras functions later.
         self._convert, self._asarray, self._save = convert, np.asarray, np.save
-        self._array, self._contiguous, self._ndarray = np.array, np.ascontiguousarray, np.ndarray
+        self._array, self._ndarray = np.array, np.ndarray
 
     def _send(self, payload):
         payload["nonce"] = self._nonce
@@ -380,7 +380,9 @@ class _Harness:
             try:
                 arr = to_array(out, self._convert, self._asarray)
                 buffer = self._io.BytesIO()
-                self._save(buffer, self._contiguous(arr), allow_pickle=False)
+                # np.array(order="C") keeps a 0-d result 0-d; ascontiguousarray
+                # would turn a scalar answer into shape (1,) and grade it wrong.
+                self._save(buffer, self._array(arr, order="C"), allow_pickle=False)
                 data = self._base64.b64encode(buffer.getvalue()).decode("ascii")
                 results.append({"status": "ok", "npy": data})
             except KeyboardInterrupt:
