@@ -31,6 +31,7 @@ import keras
 from keras import ops
 
 from keras_decoder import masks as _masks
+from keras_decoder.inputs import RotaryEmbedding
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -434,30 +435,8 @@ def scaled_dot_product_attention(query, key, value, mask=None, *, bias=None, sca
 
 
 # ---------------------------------------------------------------------------
-# Position helpers: RoPE and ALiBi.
+# Position helpers: ALiBi (RoPE is inputs.RotaryEmbedding).
 # ---------------------------------------------------------------------------
-def _rope(x, start_index=0, max_wavelength=10000):
-    """Rotary position embedding (half rotation) of ``x`` ``(B, T, H, D)``.
-
-    Position ``start_index + t`` rotates the pair ``(x[..., i], x[..., i + D/2])``
-    by the angle ``pos / max_wavelength ** (2i / D)``. ``start_index`` may be a
-    tensor (the cache index). Computed in float32, returned in ``x.dtype``.
-    """
-    length, depth = x.shape[1], x.shape[-1]
-    half = depth // 2
-    inv_freq = 1.0 / ops.power(
-        float(max_wavelength), ops.arange(0, half, dtype="float32") * (2.0 / depth)
-    )  # (D/2,)
-    positions = ops.cast(ops.arange(length, dtype="int32") + start_index, "float32")
-    angles = ops.einsum("t,f->tf", positions, inv_freq)  # (T, D/2)
-    cos = ops.reshape(ops.cos(angles), (1, length, 1, half))
-    sin = ops.reshape(ops.sin(angles), (1, length, 1, half))
-    x32 = ops.cast(x, "float32")
-    x1, x2 = x32[..., :half], x32[..., half:]
-    rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return ops.cast(rotated, x.dtype)
-
-
 def _alibi_slopes(num_heads):
     """The ALiBi head slopes of Press et al.: a geometric sequence from 2^(-8/n)."""
 
@@ -611,11 +590,7 @@ class MultiHeadAttention(keras.layers.Layer):
         return layer
 
     def _make_rotary(self):
-        """``inputs.RotaryEmbedding`` when it exists, else the local ``_rope``."""
-        try:
-            from keras_decoder.inputs import RotaryEmbedding
-        except ImportError:
-            return None
+        """``inputs.RotaryEmbedding``, applied to queries and keys ``(B, T, H, D)``."""
         layer = RotaryEmbedding(max_wavelength=10000, dtype=self.dtype_policy)
         layer.supports_masking = True  # the projected heads carry the input's mask
         return layer
@@ -675,9 +650,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
     # -- small overridable hooks -----------------------------------------
     def _apply_rotary(self, x, start_index):
-        if self._rotary is not None:
-            return self._rotary(x, start_index=start_index)
-        return _rope(x, start_index)
+        return self._rotary(x, start_index=start_index)
 
     def _update_cache(self, cache, key, value, cache_index):
         """Write ``key``/``value`` ``(B, Tq, Hkv, ·)`` at ``cache_index``; return
