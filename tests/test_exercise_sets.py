@@ -34,6 +34,7 @@ SET_IDS = [
     "02_positions",
     "04_attention",
     "05_interacting_attention",
+    "07_transformer_decoder",
 ]
 SETS = {set_id: get_exercise_set(set_id) for set_id in SET_IDS}
 QUESTIONS = [(s, q) for s in SET_IDS for q in SETS[s].questions]

@@ -39,6 +39,7 @@ EXPECTED = [
     "03_masks",
     "04_attention",
     "05_interacting_attention",
+    "07_transformer_decoder",
 ]
 MIN_COMPARED_SHARE = 0.60
 NOT_COMPARED_TAGS = {"nbval-ignore-output", "nbval-skip"}
