@@ -11,7 +11,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,15 +66,47 @@ def environment(backend):
     return env
 
 
+def notebook_seconds(junit_xml):
+    """``{notebook path: seconds}`` from a JUnit report: the sum of its cells'
+    setup + call + teardown times (kernel start included, pytest start not)."""
+    seconds = defaultdict(float)
+    try:
+        tree = ET.parse(junit_xml)
+    except (OSError, ET.ParseError):
+        return seconds
+    for case in tree.iter("testcase"):
+        name = case.get("file") or case.get("classname", "")
+        if ".ipynb" in name:
+            name = name[: name.index(".ipynb") + len(".ipynb")].replace(".", "/", name.count(".") - 1)
+            seconds[name] += float(case.get("time", 0.0))
+    return seconds
+
+
+def print_notebook_times(times, backends):
+    """One row per notebook, one column per backend (seconds)."""
+    names = sorted({name for per_backend in times.values() for name in per_backend})
+    if not names:
+        return
+    print("\n======== notebook run times (s, cells incl. kernel start) ========")
+    print(f"{'notebook':<56}" + "".join(f"{b:>12}" for b in backends))
+    for name in names:
+        print(f"{name:<56}" + "".join(
+            f"{times[b].get(name, float('nan')):>12.1f}" for b in backends))
+
+
 def main(extra):
     wanted = os.environ.get("BACKENDS", ",".join(BACKENDS)).split(",")
     results, start = [], time.time()
+    scratch = Path(tempfile.mkdtemp(prefix="keras-decoder-junit-"))
+    times = {}
     for backend in wanted:
         print(f"\n######## KERAS_BACKEND={backend} ########", flush=True)
         t0, code, summaries = time.time(), 0, []
-        for args in phases(extra):
+        times[backend] = {}
+        for i, args in enumerate(phases(extra)):
+            junit = scratch / f"{backend}-{i}.xml"
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest", *args],
+                [sys.executable, "-m", "pytest", *args, f"--junitxml={junit}"],
                 cwd=ROOT, env=environment(backend), stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, text=True, bufsize=1,
             )
@@ -84,7 +119,10 @@ def main(extra):
             rc = proc.wait()
             code = code or rc
             summaries.append(summary)
+            times[backend].update(notebook_seconds(junit))
         results.append((backend, code, " | ".join(summaries), time.time() - t0))
+    shutil.rmtree(scratch, ignore_errors=True)
+    print_notebook_times(times, wanted)
     print("\n======== per-backend summary ========")
     for backend, code, summary, seconds in results:
         verdict = "PASS" if code == 0 else f"FAIL (exit {code})"
