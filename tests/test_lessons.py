@@ -40,6 +40,7 @@ EXPECTED = [
     "04_attention",
     "05_interacting_attention",
     "07_transformer_decoder",
+    "10_advanced_masks",
 ]
 MIN_COMPARED_SHARE = 0.60
 NOT_COMPARED_TAGS = {"nbval-ignore-output", "nbval-skip"}
