@@ -13,20 +13,8 @@ NumPy only: the grader never imports Keras.
 
 import numpy as np
 
-from ..spec import Case, ExerciseSet, Mistake, Output, Question, format_value
-
-
-def _label(**kwargs):
-    return ", ".join(f"{k}={format_value(v)}" for k, v in kwargs.items())
-
-
-def _int(rng, low, high):
-    """A Python int in ``[low, high]`` (inclusive)."""
-    return int(rng.integers(low, high + 1))
-
-
-def _lengths_mask(lengths, length):
-    return np.arange(length)[None, :] < np.asarray(lengths)[:, None]
+from ..spec import Case, ExerciseSet, Mistake, Output, Question
+from ._common import label as _label, randint as _int, lengths_mask as _lengths_mask
 
 
 # ---------------------------------------------------------------------------

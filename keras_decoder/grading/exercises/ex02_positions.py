@@ -13,17 +13,10 @@ NumPy only: the grader never imports Keras.
 
 import numpy as np
 
-from ..spec import Case, ExerciseSet, Mistake, Output, Question, format_value
+from ..spec import Case, ExerciseSet, Mistake, Output, Question
+from ._common import label as _label, randint as _int
 
 MAX_WAVELENGTH = 10000.0
-
-
-def _label(**kwargs):
-    return ", ".join(f"{k}={format_value(v)}" for k, v in kwargs.items())
-
-
-def _int(rng, low, high):
-    return int(rng.integers(low, high + 1))
 
 
 # ---------------------------------------------------------------------------

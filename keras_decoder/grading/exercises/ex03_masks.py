@@ -21,25 +21,12 @@ convention). NumPy only: the grader never imports Keras.
 import numpy as np
 
 from ..spec import Case, ExerciseSet, Mistake, Output, Question, format_value
+from ._common import label as _label, randint as _int, lengths_mask as _lengths_mask
 
 # ---------------------------------------------------------------------------
 # Helpers for drawing inputs.
 # ---------------------------------------------------------------------------
 _NEG = -0.5 * float(np.finfo(np.float32).max)  # a safe large negative for float32
-
-
-def _label(**kwargs):
-    return ", ".join(f"{k}={format_value(v)}" for k, v in kwargs.items())
-
-
-def _int(rng, low, high):
-    """A Python int in ``[low, high]`` (inclusive)."""
-    return int(rng.integers(low, high + 1))
-
-
-def _lengths_mask(lengths, length):
-    """bool ``(B, T)``: ``True`` for the first ``lengths[b]`` positions of row ``b``."""
-    return np.arange(length)[None, :] < np.asarray(lengths)[:, None]
 
 
 def _padded_lengths(rng, batch, length):

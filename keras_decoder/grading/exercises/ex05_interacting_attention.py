@@ -14,14 +14,7 @@ NumPy only: the grader never imports Keras.
 import numpy as np
 
 from ..spec import Case, ExerciseSet, Mistake, Output, Question, format_value
-
-
-def _int(rng, low, high):
-    return int(rng.integers(low, high + 1))
-
-
-def _lengths_mask(lengths, length):
-    return np.arange(length)[None, :] < np.asarray(lengths)[:, None]
+from ._common import randint as _int, lengths_mask as _lengths_mask
 
 
 def _padding(rng, batch, length):
