@@ -35,6 +35,7 @@ SET_IDS = [
     "04_attention",
     "05_interacting_attention",
     "07_transformer_decoder",
+    "08_training_translation",
     "10_advanced_masks",
 ]
 SETS = {set_id: get_exercise_set(set_id) for set_id in SET_IDS}

@@ -40,6 +40,7 @@ EXPECTED = [
     "04_attention",
     "05_interacting_attention",
     "07_transformer_decoder",
+    "08_training_translation",
     "10_advanced_masks",
 ]
 MIN_COMPARED_SHARE = 0.60
