@@ -40,3 +40,15 @@ from keras_decoder.attention import InteractingAttention  # noqa: F401
 from keras_decoder.attention import MultiHeadAttention  # noqa: F401
 from keras_decoder.attention import SelfAttention  # noqa: F401
 from keras_decoder.attention import scaled_dot_product_attention  # noqa: F401
+from keras_decoder.hub import Pretrained  # noqa: F401
+from keras_decoder.hub import pretrained  # noqa: F401
+from keras_decoder import generation  # noqa: F401
+from keras_decoder.generation import BanTokens  # noqa: F401
+from keras_decoder.generation import Beam  # noqa: F401
+from keras_decoder.generation import Greedy  # noqa: F401
+from keras_decoder.generation import MinNewTokens  # noqa: F401
+from keras_decoder.generation import NoRepeatNGram  # noqa: F401
+from keras_decoder.generation import RepetitionPenalty  # noqa: F401
+from keras_decoder.generation import TopK  # noqa: F401
+from keras_decoder.generation import TopP  # noqa: F401
+from keras_decoder.generation import generate  # noqa: F401
