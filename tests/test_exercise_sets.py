@@ -37,6 +37,7 @@ SET_IDS = [
     "07_transformer_decoder",
     "08_training_translation",
     "10_advanced_masks",
+    "12_scaling_out",
 ]
 SETS = {set_id: get_exercise_set(set_id) for set_id in SET_IDS}
 QUESTIONS = [(s, q) for s in SET_IDS for q in SETS[s].questions]

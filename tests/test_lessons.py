@@ -42,6 +42,7 @@ EXPECTED = [
     "07_transformer_decoder",
     "08_training_translation",
     "10_advanced_masks",
+    "12_scaling_out",
 ]
 MIN_COMPARED_SHARE = 0.60
 NOT_COMPARED_TAGS = {"nbval-ignore-output", "nbval-skip"}
