@@ -39,6 +39,7 @@ EXPECTED = [
     "03_masks",
     "04_attention",
     "05_interacting_attention",
+    "06_rnn_decoders",
     "07_transformer_decoder",
     "08_training_translation",
     "10_advanced_masks",
