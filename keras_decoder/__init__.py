@@ -40,6 +40,8 @@ from keras_decoder.attention import InteractingAttention  # noqa: F401
 from keras_decoder.attention import MultiHeadAttention  # noqa: F401
 from keras_decoder.attention import SelfAttention  # noqa: F401
 from keras_decoder.attention import scaled_dot_product_attention  # noqa: F401
+from keras_decoder.hub import Pretrained  # noqa: F401
+from keras_decoder.hub import pretrained  # noqa: F401
 from keras_decoder import generation  # noqa: F401
 from keras_decoder.generation import BanTokens  # noqa: F401
 from keras_decoder.generation import Beam  # noqa: F401
