@@ -37,6 +37,7 @@ SET_IDS = [
     "06_rnn_decoders",
     "07_transformer_decoder",
     "08_training_translation",
+    "09_generation",
     "10_advanced_masks",
     "12_scaling_out",
 ]
