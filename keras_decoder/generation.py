@@ -480,7 +480,7 @@ class _Decoder:
     """Prefill plus a ``while_loop`` over the steps; everything static is fixed here."""
 
     def __init__(self, model, sampler, processors, stop_ids, pad_id, batch, prompt_len,
-                 max_new_tokens, seq2seq):
+                 max_new_tokens, seq2seq, return_scores):
         self.model, self.sampler, self.processors = model, sampler, tuple(processors)
         self.stop_ids, self.pad_id = tuple(stop_ids), int(pad_id)
         self.beam = isinstance(sampler, Beam)
@@ -489,6 +489,10 @@ class _Decoder:
         self.rows = batch * self.num_beams
         self.cache_len = prompt_len + max_new_tokens
         self.vocab_size, self.seq2seq = _vocab_size(model), seq2seq
+        self.return_scores = bool(return_scores)
+        pad_column = np.zeros((1, self.vocab_size), bool)
+        pad_column[0, self.pad_id] = 0 <= self.pad_id < self.vocab_size
+        self.pad_column = ops.convert_to_tensor(pad_column)
 
     # -- one step's pieces ------------------------------------------------
     def _logits(self, token, cache, index, pads):
@@ -500,7 +504,8 @@ class _Decoder:
     def _process(self, logits, history, step):
         for processor in self.processors:
             logits = processor(logits, history, step)
-        return _mask_tokens(logits, (self.pad_id,))  # a pad in the output = finished
+        # pad_id is never generated: a pad in the output means "finished".
+        return ops.where(self.pad_column, _NEG_INF, logits)
 
     def _is_stop(self, token):
         stop = ops.zeros_like(token, dtype="bool")
@@ -538,7 +543,8 @@ class _Decoder:
                 length=ops.zeros((R,), dtype="int32"))
             body = self._beam_step
         else:
-            state.update(scores=ops.zeros((R, N), dtype="float32"))
+            if self.return_scores:
+                state.update(scores=ops.zeros((R, N), dtype="float32"))
             body = self._sample_step
         keys = sorted(state)
 
@@ -553,7 +559,8 @@ class _Decoder:
         final = dict(zip(keys, ops.while_loop(cond, loop_body, tuple(state[k] for k in keys))))
         if self.beam:
             return final["out"], final["beam_score"], final["length"], final["step"]
-        return final["out"], final["scores"], final["step"]
+        scores = final["scores"] if self.return_scores else final["out"][:, :0]
+        return final["out"], scores, final["step"]
 
     def _write(self, out, step, token):
         return ops.slice_update(out, (0, step), ops.expand_dims(token, 1))
@@ -567,14 +574,17 @@ class _Decoder:
         noise = None if shape is None else _uniform(shape, seed, step)
         token = self.sampler.sample(logits, noise)  # (R,)
         token = ops.where(s["done"], self.pad_id, token)
-        logp = ops.take_along_axis(ops.log_softmax(logits, axis=-1),
-                                   ops.expand_dims(token, 1), axis=1)[:, 0]
-        logp = ops.where(s["done"], 0.0, logp)
-        done = ops.logical_or(s["done"], self._is_stop(token))
-        return dict(step=step + 1, token=token, cache=cache,
-                    history=self._push(s["history"], ops.where(s["done"], _NO_TOKEN, token)),
-                    out=self._write(s["out"], step, token),
-                    scores=self._write(s["scores"], step, logp), done=done)
+        new = dict(step=step + 1, token=token, cache=cache, history=s["history"],
+                   out=self._write(s["out"], step, token), done=s["done"])
+        if self.processors:  # only they read the history
+            new["history"] = self._push(s["history"], ops.where(s["done"], _NO_TOKEN, token))
+        if self.stop_ids:
+            new["done"] = ops.logical_or(s["done"], self._is_stop(token))
+        if self.return_scores:
+            logp = ops.take_along_axis(ops.log_softmax(logits, axis=-1),
+                                       ops.expand_dims(token, 1), axis=1)[:, 0]
+            new["scores"] = self._write(s["scores"], step, ops.where(s["done"], 0.0, logp))
+        return new
 
     def _beam_step(self, s, pads, seed):
         B, K, V = self.batch, self.num_beams, self.vocab_size
@@ -749,10 +759,11 @@ def generate(model, prompt_ids, *, max_new_tokens, sampler="greedy", logits_proc
             encoder_input_ids = np.repeat(
                 np.asarray(ops.convert_to_numpy(encoder_input_ids)), num_beams, 0)
     decoder = _Decoder(model, sampler, logits_processors, stop_ids, pad_id, batch, prompt_len,
-                       max_new_tokens, seq2seq)
+                       max_new_tokens, seq2seq, return_scores and not beam)
     key = (repr(sampler), tuple(repr(p) if isinstance(p, LogitsProcessor) else id(p)
                                 for p in logits_processors),
-           stop_ids, int(pad_id), batch, prompt_len, max_new_tokens, seq2seq)
+           stop_ids, int(pad_id), batch, prompt_len, max_new_tokens, seq2seq,
+           decoder.return_scores)
     fn = _compiled(model, decoder, key)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
