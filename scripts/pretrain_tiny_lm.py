@@ -26,7 +26,12 @@ fastest on a CPU). It writes, under ``keras_decoder/checkpoints/``:
 
 Usage::
 
-    KERAS_BACKEND=jax python scripts/pretrain_tiny_lm.py            # ~3 min on 2 CPU cores
+    KERAS_BACKEND=jax python scripts/pretrain_tiny_lm.py
+
+The shipped checkpoint came from this command (seed 0, 4 epochs of 624
+batches, final loss 1.36): 13 minutes on the shared 2-core machine at a load
+average of about 8; a few minutes on an idle one. Its vocabulary has 993
+tokens and the model 627,584 parameters.
 """
 
 import argparse
