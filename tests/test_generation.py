@@ -20,8 +20,8 @@ from keras_decoder.models import DecoderOnlyLM, Seq2SeqTransformer
 
 V, L, C, H, F = 50, 24, 32, 4, 64
 N = 6  # new tokens
-ARGMAX_TOL = 1e-4
-REFERENCE_WIDTH = 12  # longest prompt + N  # cached and uncached logits differ by float rounding only
+ARGMAX_TOL = 1e-4  # cached and uncached logits differ by float rounding only
+REFERENCE_WIDTH = 12  # longest prompt + N
 
 # Ragged prompts (pad_id = 0): the same rows left- and right-padded.
 ROWS = [[7, 3, 9], [5, 2, 8, 4, 6], [11, 12]]
