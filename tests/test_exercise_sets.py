@@ -39,6 +39,7 @@ SET_IDS = [
     "08_training_translation",
     "09_generation",
     "10_advanced_masks",
+    "11_finetuning",
     "12_scaling_out",
 ]
 SETS = {set_id: get_exercise_set(set_id) for set_id in SET_IDS}

@@ -44,6 +44,7 @@ EXPECTED = [
     "08_training_translation",
     "09_generation",
     "10_advanced_masks",
+    "11_finetuning",
     "12_scaling_out",
 ]
 MIN_COMPARED_SHARE = 0.60
