@@ -71,10 +71,13 @@ def _exact(outputs, numbers):
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     keras.utils.set_random_seed(0)
-    model, tokenizer = keras_decoder.pretrained("tiny-lm")
+    untuned, tokenizer = keras_decoder.pretrained("tiny-lm")
     numbers = np.random.default_rng(0).permutation(1000)
     held_out, train = numbers[:HELD_OUT], numbers[HELD_OUT:]
-    before = _translate(model, tokenizer, held_out)
+    before = _translate(untuned, tokenizer, held_out)
+    # A separate copy to tune: `generate` keeps a compiled decode step per
+    # model, which would not see the LoRA layers added after its first call.
+    model = keras_decoder.pretrained("tiny-lm").model
 
     base = {w.path: np.array(ops.convert_to_numpy(w)) for w in model.weights}
     finetune.enable_lora(model, RANK, targets=TARGETS)
