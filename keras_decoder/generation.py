@@ -763,7 +763,9 @@ def generate(model, prompt_ids, *, max_new_tokens, sampler="greedy", logits_proc
     key = (repr(sampler), tuple(repr(p) if isinstance(p, LogitsProcessor) else id(p)
                                 for p in logits_processors),
            stop_ids, int(pad_id), batch, prompt_len, max_new_tokens, seq2seq,
-           decoder.return_scores)
+           decoder.return_scores,
+           # New variables (e.g. LoRA enabled later) need a new trace on TensorFlow.
+           tuple(id(v) for v in getattr(model, "weights", ())))
     fn = _compiled(model, decoder, key)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
