@@ -14,12 +14,9 @@ NumPy only: the grader never imports Keras.
 import numpy as np
 
 from ..spec import Case, ExerciseSet, Mistake, Output, Question, format_value
+from ._common import randint as _int
 
 EPSILON = 1e-5  # the blocks' layer-norm epsilon (Keras's LayerNormalization defaults to 1e-3)
-
-
-def _int(rng, low, high):
-    return int(rng.integers(low, high + 1))
 
 
 # ---------------------------------------------------------------------------

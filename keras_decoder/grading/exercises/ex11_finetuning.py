@@ -13,15 +13,8 @@ NumPy only: the grader never imports Keras.
 
 import numpy as np
 
-from ..spec import Case, ExerciseSet, Mistake, Output, Question, format_value
-
-
-def _label(**kwargs):
-    return ", ".join(f"{k}={format_value(v)}" for k, v in kwargs.items())
-
-
-def _int(rng, low, high):
-    return int(rng.integers(low, high + 1))
+from ..spec import Case, ExerciseSet, Mistake, Output, Question
+from ._common import label as _label, randint as _int
 
 
 # ---------------------------------------------------------------------------
