@@ -63,12 +63,6 @@ def environment(backend):
     env.setdefault("PYTHONWARNINGS", "ignore")
     if shutil.which("nvidia-smi") is None:  # use a GPU when there is one
         env.setdefault("JAX_PLATFORMS", "cpu")
-    if WORKERS not in ("0", "1"):
-        # Each xdist worker (and each notebook kernel) is one process per core:
-        # a second intra-op thread per process only oversubscribes the cores,
-        # and torch's OpenMP threads then spin-wait for ~20 ms at every op.
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     return env
 
 
