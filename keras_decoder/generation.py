@@ -100,7 +100,22 @@ def _gumbel(noise):
 # ---------------------------------------------------------------------------
 # Samplers: logits (R, V) -> next token (R,).
 # ---------------------------------------------------------------------------
-class Sampler:
+class _Configurable:
+    """``get_config`` / ``from_config`` / ``repr`` shared by samplers and processors."""
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Sampler(_Configurable):
     """Base class: picks the next token from processed logits.
 
     Subclasses implement :meth:`sample` and, when they are random,
@@ -117,16 +132,6 @@ class Sampler:
         """Logits ``(R, V)`` float32 (-inf = forbidden) → int32 tokens ``(R,)``."""
         raise NotImplementedError
 
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -253,7 +258,7 @@ def _get_sampler(sampler):
 # ---------------------------------------------------------------------------
 # Logit processors: (logits (R, V), generated_ids (R, T), step) -> logits.
 # ---------------------------------------------------------------------------
-class LogitsProcessor:
+class LogitsProcessor(_Configurable):
     """Base class: a mask or a rescaling applied to the next-token logits.
 
     Call arguments:
@@ -270,17 +275,6 @@ class LogitsProcessor:
 
     def __call__(self, logits, generated_ids, step):
         raise NotImplementedError
-
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 def _presence(generated_ids, vocab_size):
