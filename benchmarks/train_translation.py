@@ -46,10 +46,10 @@ from keras_decoder.training import MaskedAccuracy, masked_loss  # noqa: E402
 BACKEND = keras.backend.backend()
 TASKS = {
     # pairs, source vocabulary, max tokens, epochs, model sizes
-    "dates": dict(pairs=24_000, source_vocab=None, max_length=32, epochs=4,
+    "dates": dict(pairs=24_000, source_vocab=None, max_length=32, epochs=3,
                   model=dict(dim=64, num_heads=4, ff_dim=256, num_encoder_layers=2,
                              num_decoder_layers=2)),
-    "number_words": dict(pairs=24_000, source_vocab=2_000, max_length=32, epochs=4,
+    "number_words": dict(pairs=24_000, source_vocab=2_000, max_length=32, epochs=3,
                          model=dict(dim=64, num_heads=4, ff_dim=256, num_encoder_layers=2,
                                     num_decoder_layers=2)),
 }
