@@ -10,7 +10,8 @@ tokens, greedy, no stop id (every run makes all 256 tokens).
 
 * **cached**: :func:`keras_decoder.generation.generate` (KV cache, the whole
   decode compiled once: XLA on TensorFlow, ``jax.jit`` on JAX, eager
-  ``inference_mode`` on torch).
+  ``inference_mode`` on torch, sublayers called directly, the cache written
+  in place: see ``keras_decoder/_calls.py``).
 * **uncached**: the same greedy decode without a cache. Each step runs the
   whole model over the static ``(4, 288)`` buffer (prompt, tokens so far,
   padding) and takes the argmax at the newest position: one compiled forward
@@ -23,7 +24,7 @@ tokens, greedy, no stop id (every run makes all 256 tokens).
   ``sampler="greedy"``, ``generate`` on ``{"token_ids", "padding_mask"}`` of
   length 288 with ``stop_token_ids=None``. Offline: nothing is downloaded.
 
-On torch the benchmark runs with ``--torch-threads 1`` (both sides): on a busy
+On torch the benchmark runs with ``--torch-threads 1`` (both sides) by default: on a busy
 2-core machine, torch's two OpenMP threads fight the other processes and tiny
 ops get up to 10x slower, which swamps the comparison.
 

@@ -30,6 +30,7 @@ import math
 import keras
 from keras import ops
 
+from keras_decoder._calls import call_layer, in_place_cache_writes
 from keras_decoder import masks as _masks
 from keras_decoder.inputs import RotaryEmbedding
 
@@ -650,13 +651,18 @@ class MultiHeadAttention(keras.layers.Layer):
 
     # -- small overridable hooks -----------------------------------------
     def _apply_rotary(self, x, start_index):
-        return self._rotary(x, start_index=start_index)
+        return call_layer(self._rotary, x, start_index=start_index)
 
     def _update_cache(self, cache, key, value, cache_index):
         """Write ``key``/``value`` ``(B, Tq, Hkv, ·)`` at ``cache_index``; return
         ``(new_cache, key_cache, value_cache)``."""
         if isinstance(cache, (tuple, list)):
             key_cache, value_cache = cache
+            if in_place_cache_writes():  # generate's private cache, eager torch
+                start = int(cache_index)
+                key_cache[:, start:start + key.shape[1]] = ops.cast(key, key_cache.dtype)
+                value_cache[:, start:start + value.shape[1]] = ops.cast(value, value_cache.dtype)
+                return cache, key_cache, value_cache
             key_cache = ops.slice_update(
                 key_cache, (0, cache_index, 0, 0), ops.cast(key, key_cache.dtype))
             value_cache = ops.slice_update(
@@ -694,13 +700,13 @@ class MultiHeadAttention(keras.layers.Layer):
         key_padding = None if read_only else self._key_padding(value, key)  # (B, Tk_new)
         causal = bool(use_causal_mask) or self.sliding_window is not None
 
-        q = self._query_dense(query)  # (B, Tq, H, D)
+        q = call_layer(self._query_dense, query)  # (B, Tq, H, D)
         if read_only:
             k, v = self._split_cache(cache)  # (B, Tk, Hkv, D), (B, Tk, Hkv, Dv)
             new_cache = cache
         else:
-            k = self._key_dense(key)  # (B, Tk_new, Hkv, D)
-            v = self._value_dense(value)  # (B, Tk_new, Hkv, Dv)
+            k = call_layer(self._key_dense, key)  # (B, Tk_new, Hkv, D)
+            v = call_layer(self._value_dense, value)  # (B, Tk_new, Hkv, Dv)
 
         if cache is None or read_only:
             # Bottom-right alignment: query i sits at key position (Tk - Tq) + i.
@@ -740,7 +746,7 @@ class MultiHeadAttention(keras.layers.Layer):
             return_weights=return_attention_scores, seed=self.seed_generator,
         )
         output, weights = result if return_attention_scores else (result, None)
-        output = self._output_dense(output)  # (B, Tq, C)
+        output = call_layer(self._output_dense, output)  # (B, Tq, C)
         outputs = (output,) + ((weights,) if return_attention_scores else ())
         if cache is not None:
             outputs += (new_cache,)

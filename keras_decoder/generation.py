@@ -46,7 +46,10 @@ The whole decode (prefill and loop, a ``keras.ops.while_loop``) is compiled
 once per (batch, prompt length, ``max_new_tokens``) and configuration:
 ``tf.function(jit_compile=True)`` (XLA) on TensorFlow, ``jax.jit`` with the
 model's variables passed as state (``keras.StatelessScope``) on JAX. On torch
-it runs eagerly under ``torch.inference_mode()``.
+it runs eagerly under ``torch.inference_mode()``; there, per-call Python work
+dominates a step, so a float32 model's sublayers are called directly
+(``layer.call``) and the private KV cache is written in place
+(:mod:`keras_decoder._calls`), with the same tokens.
 
 Shapes: ``B`` batch, ``K`` beams, ``R = B * K`` decoded rows, ``P`` prompt
 length (after alignment), ``N`` ``max_new_tokens``, ``T = P + N``, ``V``
@@ -59,6 +62,8 @@ import weakref
 import keras
 import numpy as np
 from keras import ops
+
+from keras_decoder._calls import direct_calls, direct_calls_allowed
 
 __all__ = [
     "generate", "Sampler", "Greedy", "TopK", "TopP", "Beam",
@@ -637,14 +642,18 @@ def _compile_tensorflow(fn):
 
 
 @contextlib.contextmanager
-def _no_grad():
-    """No autograd bookkeeping while decoding (torch); nothing elsewhere."""
-    if keras.backend.backend() == "torch":
-        import torch
+def _eager_decoding(model):
+    """Torch decodes eagerly: no autograd bookkeeping, and, where the model
+    allows it, sublayers called without ``Layer.__call__``'s per-call work and
+    the private cache written in place (:mod:`keras_decoder._calls`). Under
+    TensorFlow and JAX the decode is traced once, so nothing changes there."""
+    if keras.backend.backend() != "torch":
+        yield
+        return
+    import torch
 
-        with torch.inference_mode():
-            yield
-    else:
+    fast = direct_calls(in_place=True) if direct_calls_allowed(model) else contextlib.nullcontext()
+    with torch.inference_mode(), fast:
         yield
 
 
@@ -769,7 +778,7 @@ def generate(model, prompt_ids, *, max_new_tokens, sampler="greedy", logits_proc
     if seq2seq:
         args.append(ops.convert_to_tensor(np.asarray(ops.convert_to_numpy(encoder_input_ids)),
                                           dtype="int32"))
-    with _no_grad():
+    with _eager_decoding(model):
         result = [np.asarray(ops.convert_to_numpy(x)) for x in fn(*args)]
 
     if beam:

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_decoder._calls import call_layer
 from keras_decoder import masks as _masks
 
 __all__ = [
@@ -301,15 +302,15 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self._check_ids(token_ids)
         length = token_ids.shape[1]
         _check_start(start_index, length, self.max_length)
-        x = self.token_embedding(token_ids)  # (B, T, D)
+        x = call_layer(self.token_embedding, token_ids)  # (B, T, D)
         if self.scale:
             x = x * ops.cast(math.sqrt(self.embed_dim), x.dtype)
         if self.position == "learned":
             positions = _positions(ops.shape(token_ids)[1], start_index)
             positions = ops.clip(positions, 0, self.max_length - 1)
-            x = x + self.position_embedding(positions)  # (1|B, T, D) broadcasts
+            x = x + call_layer(self.position_embedding, positions)  # (1|B, T, D) broadcasts
         elif self.position == "sinusoidal":
-            x = x + self.position_embedding(x, start_index=start_index)
+            x = x + call_layer(self.position_embedding, x, start_index=start_index)
         return x
 
     def compute_mask(self, token_ids, mask=None):

@@ -35,6 +35,7 @@ block named ``decoder_block_0``::
 import keras
 from keras import ops
 
+from keras_decoder._calls import call_layer
 from keras_decoder.attention import MultiHeadAttention
 
 try:  # Keras keeps masks of JAX arrays (which take no attributes) on the side.
@@ -121,9 +122,9 @@ class FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
-        x = self.hidden(inputs)  # (B, T, hidden_dim)
-        x = self.output_dense(x)  # (B, T, C)
-        return self.dropout_layer(x, training=training)
+        x = call_layer(self.hidden, inputs)  # (B, T, hidden_dim)
+        x = call_layer(self.output_dense, x)  # (B, T, C)
+        return call_layer(self.dropout_layer, x, training=training)
 
     def compute_output_shape(self, inputs_shape):
         return inputs_shape
@@ -161,15 +162,15 @@ class _Block(keras.layers.Layer):
 
     def _residual(self, x, norm, sublayer, dropout=None, training=None):
         """``x + Dropout(f(LN(x)))`` (pre-norm) or ``LN(x + Dropout(f(x)))`` (post-norm)."""
-        y = sublayer(norm(x) if self.norm_first else x)
+        y = sublayer(call_layer(norm, x) if self.norm_first else x)
         if dropout is not None:
-            y = dropout(y, training=training)
+            y = call_layer(dropout, y, training=training)
         x = ops.add(x, y)
-        return x if self.norm_first else norm(x)
+        return x if self.norm_first else call_layer(norm, x)
 
     def _feed_forward(self, x, training):
         return self._residual(x, self.feed_forward_norm,
-                              lambda h: self.feed_forward(h, training=training))
+                              lambda h: call_layer(self.feed_forward, h, training=training))
 
     def compute_output_shape(self, inputs_shape, *args, **kwargs):
         return inputs_shape
@@ -385,7 +386,8 @@ class TransformerDecoderBlock(_Block):
         else:
             def self_attend(h):
                 nonlocal new_cache
-                out = self.self_attention(
+                out = call_layer(
+                    self.self_attention,
                     h, h, attention_mask=self_mask, use_causal_mask=use_causal_mask,
                     cache=self_attention_cache, cache_index=cache_index, training=training)
                 if cached:
@@ -393,7 +395,8 @@ class TransformerDecoderBlock(_Block):
                 return out  # (B, T, C)
 
             def cross_attend(h):
-                out = self.cross_attention(
+                out = call_layer(
+                    self.cross_attention,
                     h, h if memory is None else memory, attention_mask=memory_key_mask,
                     cache=cross_attention_cache, training=training)  # (B, T, C)
                 return out if cross_attention_cache is None else out[0]  # read-only cache
@@ -429,7 +432,7 @@ class TransformerDecoderBlock(_Block):
                     ops.shape(h)[1]), training=training)
             memory_k, memory_v = (memory_cache if memory_cache is not None
                                   else self.memory_cache(memory))
-            k, v = attention.key_dense(h), attention.value_dense(h)  # (B, T, Hkv, D)
+            k, v = call_layer(attention.key_dense, h), call_layer(attention.value_dense, h)  # (B, T, Hkv, D)
             if cache is None:  # memory cached, decoder not: keys are [memory; h]
                 keys_k, keys_v, own_len = k, v, length
                 own = _causal(ops.shape(h)[1]) if causal else None
@@ -451,7 +454,8 @@ class TransformerDecoderBlock(_Block):
                     ops.concatenate([ops.cast(memory_v, keys_v.dtype), keys_v], axis=1))
             mask = self._joint_mask(memory_key_mask, own, ops.shape(h)[0],
                                     ops.shape(memory_k)[1], ops.shape(h)[1])
-            out, _ = attention(h, h, attention_mask=mask, cache=both, training=training)
+            out, _ = call_layer(attention, h, h, attention_mask=mask, cache=both,
+                                training=training)
             return out  # (B, T, C)
 
         x = self._residual(inputs, self.self_attention_norm, attend,

@@ -34,6 +34,7 @@ A cache is a dict of tensors (a pytree):
 import keras
 from keras import ops
 
+from keras_decoder._calls import call_layer
 from keras_decoder.inputs import TokenAndPositionEmbedding
 from keras_decoder.layers import TransformerDecoderBlock, TransformerEncoderBlock
 
@@ -71,7 +72,7 @@ class _LogitsMixin:
             table = ops.cast(embedding.embeddings, x.dtype)  # (V, C)
             logits = ops.einsum("btc,vc->btv", x, table)  # (B, T, V)
         else:
-            logits = self.lm_head(x)  # (B, T, V)
+            logits = call_layer(self.lm_head, x)  # (B, T, V)
         return _without_mask(ops.cast(logits, "float32"))
 
 
@@ -196,14 +197,15 @@ class DecoderOnlyLM(_LogitsMixin, keras.Model):
             ``model(all_ids)[:, cache_index:cache_index + Tq]``.
         """
         start = cache_index if start_index is None else start_index
-        x = self.embedding(token_ids, start_index=start)  # (B, Tq, C)
+        x = call_layer(self.embedding, token_ids, start_index=start)  # (B, Tq, C)
         padding = _write_padding(cache["padding"], token_ids, cache_index, self.pad_id)  # (B, L)
         layer_caches = []
         for block, layer_cache in zip(self.blocks, cache["self_attention"]):
-            x, layer_cache = block(x, padding_mask=padding, self_attention_cache=layer_cache,
-                                   cache_index=cache_index, training=training)
+            x, layer_cache = call_layer(block, x, padding_mask=padding,
+                                        self_attention_cache=layer_cache,
+                                        cache_index=cache_index, training=training)
             layer_caches.append(layer_cache)
-        logits = self._logits(self.final_norm(x), self.embedding)  # (B, Tq, V)
+        logits = self._logits(call_layer(self.final_norm, x), self.embedding)  # (B, Tq, V)
         return logits, {"self_attention": layer_caches, "padding": padding}
 
     def get_config(self):
@@ -393,18 +395,19 @@ class Seq2SeqTransformer(_LogitsMixin, keras.Model):
         :meth:`DecoderOnlyLM.call_with_cache`. The memory is read from the
         cache, never recomputed. Returns ``(logits (B, Tq, V), new_cache)``."""
         start = cache_index if start_index is None else start_index
-        x = self.decoder_embedding(token_ids, start_index=start)  # (B, Tq, C)
+        x = call_layer(self.decoder_embedding, token_ids, start_index=start)  # (B, Tq, C)
         padding = _write_padding(cache["padding"], token_ids, cache_index, self.pad_id)
         layer_caches = []
         for block, self_cache, memory_cache in zip(self.decoder_blocks, cache["self_attention"],
                                                    cache["cross_attention"]):
-            x, self_cache = block(x, padding_mask=padding, memory_mask=cache["memory_mask"],
-                                  self_attention_cache=self_cache,
-                                  cross_attention_cache=memory_cache, cache_index=cache_index,
-                                  training=training)
+            x, self_cache = call_layer(block, x, padding_mask=padding,
+                                       memory_mask=cache["memory_mask"],
+                                       self_attention_cache=self_cache,
+                                       cross_attention_cache=memory_cache,
+                                       cache_index=cache_index, training=training)
             layer_caches.append(self_cache)
         if self.decoder_norm is not None:
-            x = self.decoder_norm(x)
+            x = call_layer(self.decoder_norm, x)
         logits = self._logits(x, self.decoder_embedding)
         return logits, {**cache, "self_attention": layer_caches, "padding": padding}
 
