@@ -190,6 +190,11 @@ class Tokenizer:
         """Ids as lists: drop ``[START]`` and ``[PAD]``, stop at ``[END]``."""
         if isinstance(ids, tf.RaggedTensor):
             rows = ids.to_list()
+        elif isinstance(ids, (list, tuple)):  # one row of ids, or rows of any lengths
+            if all(np.ndim(r) == 0 for r in ids):
+                rows = [list(ids)]
+            else:
+                rows = [np.asarray(r).reshape(-1).tolist() for r in ids]
         else:
             rows = np.asarray(ids).tolist() if not hasattr(ids, "numpy") else ids.numpy().tolist()
         if rows and not isinstance(rows[0], list):

@@ -36,6 +36,9 @@ def test_round_trip_gives_back_the_normalized_text(corpus, tokenizer):
     ids = tokenizer.tokenize(texts)
     assert tokenizer.unknown_id not in set(ids.flat_values.numpy().tolist())
     assert tokenizer.detokenize(ids) == tokenizer.normalize(texts)
+    # Plain Python rows of different lengths (and one row alone) work too.
+    assert tokenizer.detokenize(ids.to_list()) == tokenizer.normalize(texts)
+    assert tokenizer.detokenize(ids.to_list()[0]) == tokenizer.normalize(texts[:1])
     # Normalization keeps accents and punctuation; it only folds case and spaces.
     assert tokenizer.normalize("  Zwölf  Tausend,\tDREI ") == "zwölf tausend, drei"
 
