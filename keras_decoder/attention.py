@@ -710,7 +710,9 @@ class MultiHeadAttention(keras.layers.Layer):
 
         if cache is None or read_only:
             # Bottom-right alignment: query i sits at key position (Tk - Tq) + i.
-            start = k_len - q_len
+            # (Lengths unknown while tracing, e.g. a retrace with relaxed shapes: read them.)
+            start = (k_len - q_len if None not in (k_len, q_len)
+                     else ops.shape(k)[1] - ops.shape(q)[1])
             if self.rotary:
                 q = self._apply_rotary(q, start)
                 if not read_only:  # cached keys were rotated when they were written

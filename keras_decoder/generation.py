@@ -57,7 +57,6 @@ vocabulary.
 """
 
 import contextlib
-import weakref
 
 import keras
 import numpy as np
@@ -614,7 +613,19 @@ class _Decoder:
 # ---------------------------------------------------------------------------
 # Compilation, one function per (model, configuration, shapes).
 # ---------------------------------------------------------------------------
-_COMPILED = weakref.WeakKeyDictionary()  # model -> {key: compiled decode}
+# Each model keeps its compiled decodes in an attribute of its own (not a
+# global table): a compiled decode refers to its model, so a global table would
+# keep every model alive; this way they are freed together.
+_COMPILED_ATTR = "_keras_decoder_compiled_decodes"
+
+
+def _compiled_decodes(model):
+    """``{key: compiled decode}`` of ``model`` (created empty on first use)."""
+    table = getattr(model, _COMPILED_ATTR, None)
+    if table is None:
+        table = {}
+        object.__setattr__(model, _COMPILED_ATTR, table)  # untracked by Keras and torch
+    return table
 
 
 def _compile_jax(model, fn):
@@ -658,7 +669,7 @@ def _eager_decoding(model):
 
 
 def _compiled(model, decoder, key):
-    table = _COMPILED.setdefault(model, {})
+    table = _compiled_decodes(model)
     if key not in table:
         backend = keras.backend.backend()
         if backend == "jax":

@@ -7,6 +7,9 @@ uncached logits. Small models (dim 32, 2 layers, vocabulary 50) keep XLA
 compilation short: one compilation per (configuration, shape).
 """
 
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -487,3 +490,17 @@ def test_errors(models):
         gen.generate(models["seq2seq"], np.ones((1, 1), "int32"), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"Expected no `encoder_input_ids`"):
         gen.generate(model, prompt, max_new_tokens=2, encoder_input_ids=prompt)
+
+
+def test_a_model_is_freed_with_its_compiled_decodes():
+    """The compiled decodes live on the model, so they do not keep it alive."""
+    model = _lm(seed=1)
+    prompt = np.array([[3, 4], [0, 5]], "int32")
+    first = gen.generate(model, prompt, max_new_tokens=2)
+    assert len(gen._compiled_decodes(model)) == 1
+    np.testing.assert_array_equal(gen.generate(model, prompt, max_new_tokens=2), first)
+    assert len(gen._compiled_decodes(model)) == 1  # reused, not compiled again
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None, "a compiled decode kept its model alive"

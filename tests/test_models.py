@@ -161,6 +161,21 @@ def test_cached_step_traces_once(rng):
         assert len(traces) == 1
 
 
+@pytest.mark.parametrize("kind", ["learned", "rotary", "sinusoidal", "joint", "sequential"])
+def test_predict_on_batch_with_new_lengths(rng, kind):
+    """Each new length makes Keras retrace ``predict_on_batch`` (on TensorFlow with
+    relaxed, unknown lengths); every output equals the eager call."""
+    model = _s2s(kind) if kind in ("joint", "sequential") else _lm(kind)
+    for length in (4, 7):
+        if kind in ("joint", "sequential"):
+            batch = {"encoder_input_ids": _ids(rng, length - 1, V + 2, right_pad_row=0),
+                     "decoder_input_ids": _ids(rng, length)}
+        else:
+            batch = _ids(rng, length)
+        got = np.asarray(model.predict_on_batch(batch))
+        np.testing.assert_allclose(got, to_numpy(model(batch)), **TOL)
+
+
 def test_start_index_shifts_learned_positions(rng):
     """A left-padded row with start_index = -pads gives the unpadded row's logits."""
     model = _lm("learned")
