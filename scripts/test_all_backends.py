@@ -63,6 +63,12 @@ def environment(backend):
     env.setdefault("PYTHONWARNINGS", "ignore")
     if shutil.which("nvidia-smi") is None:  # use a GPU when there is one
         env.setdefault("JAX_PLATFORMS", "cpu")
+    if backend == "torch" and WORKERS not in ("0", "1"):
+        # Two workers (and their notebook kernels) already fill the two cores.
+        # A second OpenMP thread per process only oversubscribes them, and
+        # torch's threads then spin-wait at every small op: a 12 s lesson
+        # took 145 s. One thread each keeps every process busy.
+        env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
