@@ -437,11 +437,8 @@ class TransformerDecoderBlock(_Block):
                 keys_k, keys_v, own_len = k, v, length
                 own = _causal(ops.shape(h)[1]) if causal else None
             else:  # write the new keys at cache_index, attend over the whole cache
-                key_cache = ops.slice_update(cache[0], (0, cache_index, 0, 0),
-                                             ops.cast(k, cache[0].dtype))
-                value_cache = ops.slice_update(cache[1], (0, cache_index, 0, 0),
-                                               ops.cast(v, cache[1].dtype))
-                new_cache = (key_cache, value_cache)
+                new_cache, key_cache, value_cache = attention._update_cache(
+                    tuple(cache), k, v, cache_index)
                 keys_k, keys_v, own_len = key_cache, value_cache, key_cache.shape[1]
                 query_pos = ops.arange(length, dtype="int32") + cache_index
                 key_pos = ops.arange(own_len, dtype="int32")
